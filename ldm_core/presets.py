@@ -12,6 +12,8 @@ in milliseconds.
 """
 from __future__ import annotations
 
+import math
+
 from .config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 
 CLIP_L = TextEncoderConfig(name="clip_l")
@@ -76,16 +78,19 @@ def adm_scalars(config: ModelConfig) -> int:
 
 def _shrink_te(te: TextEncoderConfig, width: int) -> TextEncoderConfig:
     proj = None if te.projection_dim is None else width
-    return te.replace(hidden_size=width, num_heads=4, intermediate_size=2 * width, projection_dim=proj)
+    # Head width as detection infers it: 64, or gcd(width, 64) for narrower models.
+    heads = width // math.gcd(width, 64)
+    return te.replace(hidden_size=width, num_heads=heads, intermediate_size=2 * width, projection_dim=proj)
 
 
 def shrink(config: ModelConfig, width: int = 32) -> ModelConfig:
     """Same key layout, narrow widths: for tests and benchmarks of the loading code."""
-    tes = tuple(_shrink_te(te, width + 16 * i) for i, te in enumerate(config.text_encoders))
+    # 48 and 80 wide: gcd with 64 is 16, so 3 and 5 heads (multi-head paths stay exercised).
+    tes = tuple(_shrink_te(te, 48 + 32 * i) for i, te in enumerate(config.text_encoders))
     context = sum(te.hidden_size for te in tes) if config.unet.context_dim is not None else None
     unet = config.unet.replace(model_channels=width, context_dim=context)
     if unet.num_head_channels != -1:
-        unet = unet.replace(num_head_channels=8)
+        unet = unet.replace(num_head_channels=math.gcd(width, 64))
     if unet.adm_in_channels is not None:
         pooled = tes[-1].projection_dim or tes[-1].hidden_size
         unet = unet.replace(adm_in_channels=pooled + adm_scalars(config) * ADM_FOURIER_DIM)

@@ -1,0 +1,78 @@
+"""Device and precision choice, passed around explicitly (no global state).
+
+Defaults: the first of cuda → mps → cpu. On CPU everything runs in fp32. On a GPU
+the UNet and text encoders run in fp16 (bf16 where the card supports it and fp16 was
+not asked for), the VAE in bf16 where supported, else fp32: the SD VAE overflows in
+fp16 (its decoder activations exceed 65504), which gives NaN — black images — so an
+fp16 VAE is only used when asked for, and a non-finite result is redone in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DeviceError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def pick_device(requested: str | torch.device | None = None) -> torch.device:
+    """The device to run on: `requested` if available (error otherwise), else cuda → mps → cpu."""
+    if requested is None or str(requested) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device 'cuda' was asked for but this torch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not _mps_available():
+        raise DeviceError("device 'mps' was asked for but is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unsupported device {str(requested)!r}; use cpu, cuda or mps")
+    return device
+
+
+def _bf16_ok(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "mps"
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Weights/compute dtype per component."""
+
+    unet: torch.dtype = torch.float32
+    text: torch.dtype = torch.float32
+    vae: torch.dtype = torch.float32
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise DeviceError(f"unknown precision {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def pick_precision(device: torch.device, *, unet: str | torch.dtype | None = None,
+                   text: str | torch.dtype | None = None, vae: str | torch.dtype | None = None) -> Precision:
+    """Per-component dtypes for `device`; explicit choices win."""
+    if device.type == "cpu":
+        default = Precision()
+    else:
+        half = torch.float16
+        default = Precision(unet=half, text=half, vae=torch.bfloat16 if _bf16_ok(device) else torch.float32)
+    return Precision(
+        unet=parse_dtype(unet) or default.unet,
+        text=parse_dtype(text) or default.text,
+        vae=parse_dtype(vae) or default.vae,
+    )

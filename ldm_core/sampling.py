@@ -1,0 +1,141 @@
+"""The denoising loop in σ-space: denoiser wrapper, classifier-free guidance, samplers.
+
+Samplers see one function D(x, σ) → x̂0 and nothing else (Karras et al. 2022): the
+prediction type (ε or v), the input scaling c_in and the σ → t mapping stay inside
+`Denoiser`. Every sampler is a small function registered in `SAMPLERS`; that dict
+also feeds the editor's dropdown, so the two can never drift apart.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .conditioning import Cond, adm_vector, common_length, repeat_to_length
+from .config import ModelConfig
+from .schedule import DiscreteSchedule
+
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B,C,h,w], sigma [B]) -> x0
+StepCallback = Callable[[dict[str, Any]], None]
+
+
+class Denoiser:
+    """D(x, σ) for an ε- or v-predicting UNet trained on a discrete schedule.
+
+    With x = x0 + σ·ε the network sees c_in·x, c_in = 1/sqrt(σ² + 1) (unit variance), at
+    the nearest trained step t(σ). ε-prediction: x̂0 = x − σ·ε̂. v-prediction (Salimans &
+    Ho 2022): x̂0 = x/(σ² + 1) − σ·v̂/sqrt(σ² + 1).
+    """
+
+    def __init__(self, unet: nn.Module, schedule: DiscreteSchedule, prediction: str, dtype: torch.dtype) -> None:
+        self.unet, self.schedule, self.prediction, self.dtype = unet, schedule, prediction, dtype
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, context: torch.Tensor,
+                 y: torch.Tensor | None = None, concat: torch.Tensor | None = None) -> torch.Tensor:
+        s = sigma.float().reshape(-1, *([1] * (x.ndim - 1)))
+        inp = x.float() / (s**2 + 1).sqrt()
+        if concat is not None:
+            inp = torch.cat([inp, concat.to(inp)], dim=1)
+        t = self.schedule.timestep(sigma.float().cpu()).to(x.device)
+        out = self.unet(inp.to(self.dtype), t, context.to(x.device, self.dtype),
+                        None if y is None else y.to(x.device, self.dtype)).float()
+        if self.prediction == "v":
+            return x.float() / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
+        return x.float() - out * s
+
+
+class CFGGuider:
+    """Classifier-free guidance: x̂0 = x̂0_uncond + scale·(x̂0_cond − x̂0_uncond).
+
+    Equivalent to guiding ε, since x̂0 is affine in ε̂ at fixed σ. Positive and negative
+    entries run in one batched forward (contexts tiled to a common token count, which
+    leaves attention unchanged); several entries of one side are averaged by strength.
+    With scale 1 the negative side is skipped, as it cannot change the result.
+    """
+
+    def __init__(self, denoiser: Denoiser, config: ModelConfig, positive: Sequence[Cond],
+                 negative: Sequence[Cond], scale: float, image_size: tuple[int, int]) -> None:
+        self.denoiser, self.scale = denoiser, scale
+        sides = [list(positive)] + ([] if math.isclose(scale, 1.0) else [list(negative)])
+        if not sides[0]:
+            raise ValueError("positive conditioning is empty")
+        if len(sides) == 2 and not sides[1]:
+            raise ValueError("negative conditioning is empty (use an empty prompt, not nothing)")
+        height, width = image_size
+        self.entries = [(side, c) for side, conds in enumerate(sides) for c in conds]
+        length = common_length([c.context for _, c in self.entries])
+        self.contexts = [repeat_to_length(c.context, length) for _, c in self.entries]
+        self.ys = [adm_vector(config, c, width, height) for _, c in self.entries]
+        self.n_sides = len(sides)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        n = len(self.entries)
+        context = torch.cat([c.expand(b, -1, -1) for c in self.contexts])
+        y = None if self.ys[0] is None else torch.cat([v.expand(b, -1) for v in self.ys])
+        denoised = self.denoiser(x.repeat(n, 1, 1, 1), sigma.repeat(n), context, y).chunk(n)
+        sums = [torch.zeros_like(x, dtype=torch.float32) for _ in range(self.n_sides)]
+        weights = [0.0] * self.n_sides
+        for (side, cond), d in zip(self.entries, denoised):
+            sums[side] += d * cond.strength
+            weights[side] += cond.strength
+        pos = sums[0] / weights[0]
+        if self.n_sides == 1:
+            return pos
+        neg = sums[1] / weights[1]
+        return neg + (pos - neg) * self.scale
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """dx/dσ of the probability-flow ODE: (x − D(x, σ)) / σ."""
+    return (x - denoised) / sigma.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+@torch.no_grad()
+def sample_euler(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
+                 callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+    ones = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = denoiser(x, sigmas[i] * ones)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised, "total": len(sigmas) - 1})
+        x = x + to_d(x, sigmas[i] * ones, denoised) * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+class Sampler(Protocol):
+    def __call__(self, denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
+                 callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor: ...
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "euler": sample_euler,
+}
+
+
+def prepare_noise(shape: Sequence[int], seed: int, batch_index: Sequence[int] | None = None) -> torch.Tensor:
+    """Initial noise exactly as ComfyUI draws it: CPU float32 `torch.randn` from a generator
+    seeded with `seed`, one [B,C,h,w] draw, or, with `batch_index`, one [1,C,h,w] draw per
+    index up to the largest (so image k of a batch equals image k generated alone)."""
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    if batch_index is None:
+        return torch.randn(list(shape), generator=generator, dtype=torch.float32)
+    unique, inverse = np.unique(np.asarray(batch_index), return_inverse=True)
+    one = [1, *shape[1:]]
+    draws = [torch.randn(one, generator=generator, dtype=torch.float32) for _ in range(int(unique[-1]) + 1)]
+    return torch.cat([draws[int(unique[i])] for i in inverse.reshape(-1)])
+
+
+def noise_latent(schedule: DiscreteSchedule, sigmas: torch.Tensor, noise: torch.Tensor,
+                 latent: torch.Tensor) -> torch.Tensor:
+    """x at σ_0: latent + σ_0·noise, or sqrt(1 + σ_0²)·noise when starting from σ_max (pure
+    noise), matching the variance of the trained forward process at t = T."""
+    sigma0 = float(sigmas[0])
+    sigma_max = float(schedule.sigma_max)
+    scale = math.sqrt(1.0 + sigma0**2) if (math.isclose(sigma_max, sigma0, rel_tol=1e-5) or sigma0 > sigma_max) else sigma0
+    return noise * scale + latent
