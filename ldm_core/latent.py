@@ -1,0 +1,25 @@
+"""The LATENT socket payload, in ComfyUI's convention: a dict with `samples` [B, C, h, w]
+holding raw (unscaled) VAE latents, optionally `noise_mask` and `batch_index`."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def empty(width: int, height: int, batch_size: int = 1, channels: int = 4, factor: int = 8) -> torch.Tensor:
+    """Zeros [B, C, H/f, W/f] (sizes floored to multiples of f), as EmptyLatentImage."""
+    return torch.zeros(batch_size, channels, height // factor, width // factor)
+
+
+def with_samples(latent: dict[str, Any], samples: torch.Tensor) -> dict[str, Any]:
+    """A copy of `latent` with new samples; its other keys (noise_mask, batch_index) carried along."""
+    out = dict(latent)
+    out["samples"] = samples
+    return out
+
+
+def check(latent: Any, what: str = "latent") -> torch.Tensor:
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor) or latent["samples"].ndim != 4:
+        raise ValueError(f"{what}: expected a LATENT (a dict with 4-D 'samples'), got {type(latent).__name__}")
+    return latent["samples"]

@@ -1,0 +1,135 @@
+"""`ldm-run WORKFLOW`: run a saved graph (API or UI JSON, or a PNG that carries one) headless."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ._engine import engine
+from .context import NodeContext
+from .registry import headless_registry
+
+graph = engine("graph")
+SEED_INPUTS = ("seed", "noise_seed")
+
+
+def _literal(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_sets(prompt: dict, sets: list[str]) -> None:
+    """`NODE.INPUT=VALUE` overrides (VALUE parsed as JSON when it parses, else a string)."""
+    for item in sets:
+        target, sep, value = item.partition("=")
+        node_id, dot, name = target.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"ldm-run: --set {item!r}: expected NODE.INPUT=VALUE")
+        if node_id not in prompt:
+            raise SystemExit(f"ldm-run: --set {item!r}: no node {node_id!r} (nodes: {', '.join(sorted(prompt))})")
+        prompt[node_id].inputs[name] = _literal(value)
+
+
+def set_seeds(prompt: dict, seed: int) -> int:
+    """Give every literal seed input the value `seed`; returns how many were set."""
+    n = 0
+    for node in prompt.values():
+        for name in SEED_INPUTS:
+            if name in node.inputs and not isinstance(node.inputs[name], graph.Link):
+                node.inputs[name] = seed
+                n += 1
+    return n
+
+
+class BarHooks:
+    """Per-node progress bars on stderr."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+
+    def on_node_start(self, node_id: str, class_type: str) -> None:
+        if not self.quiet:
+            print(f"[{node_id}] {class_type}", file=sys.stderr)
+
+    def on_progress(self, node_id: str, class_type: str, done: int, total: int, preview: Any = None) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=f"  {class_type}", leave=False)
+        self.bar.n = done
+        self.bar.refresh()
+        if done >= total:
+            self.bar.close()
+            self.bar = None
+
+
+def _ui_workflow(path: str) -> dict | None:
+    """The editor-format JSON to embed in saved PNGs, when the input is one."""
+    p = Path(path)
+    if p.suffix.lower() != ".json":
+        return None
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and "nodes" in data and "links" in data else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ldm-run", description=__doc__)
+    p.add_argument("workflow", help="workflow .json (API or editor format) or a .png that carries one")
+    p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE", help="override an input")
+    p.add_argument("--models-dir", help="ComfyUI-style models folder (checkpoints/, vae/, loras/, embeddings/ ...)")
+    p.add_argument("--extra-model-paths", help="an extra_model_paths.yaml")
+    p.add_argument("--input-dir", default="input")
+    p.add_argument("--output-dir", default="output")
+    p.add_argument("--device", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--seed", type=int, help="set every seed input to this value")
+    p.add_argument("--batch-seeds", type=int, default=1, metavar="N", help="run N times, seeds seed..seed+N-1")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary on stdout")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    registry = headless_registry()
+    ctx = NodeContext.headless(args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
+                               extra_paths=args.extra_model_paths, device=args.device)
+    t0 = time.perf_counter()
+    summary: dict[str, Any] = {"ok": False, "images": [], "runs": 0}
+    try:
+        base = graph.load_workflow(args.workflow, registry)
+        ui = _ui_workflow(args.workflow)
+        executor = graph.Executor(registry, graph.OutputCache(), BarHooks(args.quiet or args.json))
+        for k in range(max(1, args.batch_seeds)):
+            prompt = {nid: graph.PromptNode(n.class_type, dict(n.inputs), n.title) for nid, n in base.items()}
+            apply_sets(prompt, args.set)
+            if args.seed is not None:
+                set_seeds(prompt, args.seed + k)
+            result = executor.run(prompt, ctx, extra_pnginfo={"workflow": ui} if ui else None)
+            for ui_out in result.ui.values():
+                for img in ui_out.get("images", []):
+                    summary["images"].append(str(Path(args.output_dir) / img["subfolder"] / img["filename"])
+                                             if img.get("type") == "output" else img["filename"])
+            summary["runs"] += 1
+        summary["ok"] = True
+    except (graph.ValidationError, graph.WorkflowError, graph.ExecutionFailed) as e:
+        summary["error"] = str(e)
+        print(f"ldm-run: {e}", file=sys.stderr)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    if args.json:
+        print(json.dumps(summary))
+    elif summary["ok"]:
+        for path in summary["images"]:
+            print(path)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

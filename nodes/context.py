@@ -1,0 +1,125 @@
+"""What a node may know about the world: folders, device, progress. Passed to every node run.
+
+Headless, folders follow ComfyUI's `models/` layout under `--models-dir` (checkpoints/, vae/,
+loras/, embeddings/, diffusion_models/ or unet/, text_encoders/ or clip/), plus any
+`extra_model_paths.yaml`. Inside ComfyUI the adapter answers through its `folder_paths`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Our folder kinds and the ComfyUI folder names that hold them (first one is the canonical name).
+FOLDERS: dict[str, tuple[str, ...]] = {
+    "checkpoints": ("checkpoints",),
+    "vae": ("vae",),
+    "loras": ("loras",),
+    "embeddings": ("embeddings",),
+    "diffusion_models": ("diffusion_models", "unet"),
+    "text_encoders": ("text_encoders", "clip"),
+}
+
+
+class PathError(ValueError):
+    """A file name from a workflow that is missing or would leave its folder."""
+
+
+def _inside(folder: Path, name: str) -> Path:
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise PathError(f"{name!r} points outside {folder}; use a name inside that folder")
+    return path
+
+
+@dataclass
+class NodeContext:
+    """Folders and device for one run. `model_dirs[kind]` lists the folders searched, in order."""
+
+    model_dirs: dict[str, list[Path]] = field(default_factory=dict)
+    input_dir: Path = Path("input")
+    output_dir: Path = Path("output")
+    temp_dir: Path = Path("temp")
+    device: str | None = None
+    builtin_models: dict[str, dict[str, Path]] = field(default_factory=dict)  # kind → name → file
+
+    @classmethod
+    def headless(cls, models_dir: str | os.PathLike | None = None, *, input_dir: str | os.PathLike = "input",
+                 output_dir: str | os.PathLike = "output", extra_paths: str | os.PathLike | None = None,
+                 device: str | None = None) -> "NodeContext":
+        dirs: dict[str, list[Path]] = {k: [] for k in FOLDERS}
+        if models_dir is not None:
+            for kind, names in FOLDERS.items():
+                dirs[kind] += [Path(models_dir) / n for n in names]
+        if extra_paths is not None:
+            for kind, paths in read_extra_model_paths(extra_paths).items():
+                dirs.setdefault(kind, []).extend(paths)
+        out = Path(output_dir)
+        return cls(dirs, Path(input_dir), out, out / ".temp", device)
+
+    def list_models(self, kind: str) -> list[str]:
+        names = set(self.builtin_models.get(kind, {}))
+        for folder in self.model_dirs.get(kind, []):
+            if folder.is_dir():
+                for p in folder.rglob("*"):
+                    if p.suffix.lower() in MODEL_SUFFIXES and p.is_file():
+                        names.add(p.relative_to(folder).as_posix())
+        return sorted(names)
+
+    def model_path(self, kind: str, name: str) -> Path:
+        for folder in self.model_dirs.get(kind, []):
+            path = _inside(folder, name)
+            if path.is_file():
+                return path
+        if name in self.builtin_models.get(kind, {}):
+            return self.builtin_models[kind][name]
+        searched = ", ".join(str(f) for f in self.model_dirs.get(kind, [])) or "no folder (pass --models-dir)"
+        raise PathError(f"{kind} file {name!r} not found; searched {searched}")
+
+    def list_inputs(self) -> list[str]:
+        if not self.input_dir.is_dir():
+            return []
+        return sorted(p.relative_to(self.input_dir).as_posix() for p in self.input_dir.rglob("*")
+                      if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+    def input_path(self, name: str) -> Path:
+        path = _inside(self.input_dir, name)
+        if not path.is_file():
+            raise PathError(f"input image {name!r} not found in {self.input_dir}")
+        return path
+
+    def output_folder(self, subfolder: str, *, temp: bool = False) -> Path:
+        """A folder under the output (or temp) directory; refuses anything that leaves it."""
+        base = self.temp_dir if temp else self.output_dir
+        folder = _inside(base, subfolder) if subfolder else base.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+def read_extra_model_paths(path: str | os.PathLike) -> dict[str, list[Path]]:
+    """ComfyUI's extra_model_paths.yaml: sections of `kind: folder` (or several, one per line),
+    relative to the section's `base_path` (itself relative to the YAML file)."""
+    import yaml
+
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise PathError(f"{path}: expected sections of folder settings")
+    aliases = {name: kind for kind, names in FOLDERS.items() for name in names}
+    out: dict[str, list[Path]] = {}
+    for section in data.values():
+        if not isinstance(section, dict):
+            continue
+        base = Path(os.path.expanduser(str(section.get("base_path", ""))))
+        if not base.is_absolute():
+            base = path.parent / base
+        for key, value in section.items():
+            if key in ("base_path", "is_default") or key not in aliases or value is None:
+                continue
+            for line in str(value).splitlines():
+                if line.strip():
+                    out.setdefault(aliases[key], []).append(base / line.strip())
+    return out

@@ -1,0 +1,161 @@
+"""The node pack: ComfyUI's loading simulated, the V1 contract, and every shipped workflow
+run headless through `ldm-run` on a generated SD1.5-layout checkpoint."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ldm_core.image_io import to_pil
+from ldm_core.presets import PRESETS, shrink
+from ldm_core.synth import save_checkpoint
+from nodes.cli import main as ldm_run
+from nodes.comfy_adapter import node_mappings
+from nodes.registry import CORE_NODES, headless_registry, pack_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
+SMALL = {  # per workflow: overrides that keep the CPU run to seconds
+    "txt2img.json": ["4.width=64", "4.height=48", "5.steps=2"],
+    "img2img.json": ["6.steps=3"],
+    "hires_fix.json": ["4.width=64", "4.height=64", "5.steps=2", "7.steps=2"],
+    "core_txt2img_ui.json": ["5.width=64", "5.height=64", "3.steps=2"],
+}
+EXPECTED_SIZE = {"txt2img.json": (64, 48), "img2img.json": (72, 48), "hires_fix.json": (128, 128),
+                 "core_txt2img_ui.json": (64, 64)}
+
+
+def test_every_shipped_workflow_has_a_small_run():
+    assert sorted(p.name for p in WORKFLOWS.glob("*.json")) == sorted(SMALL)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    (root / "models" / "checkpoints").mkdir(parents=True)
+    (root / "input").mkdir()
+    save_checkpoint(shrink(PRESETS["sd1"]), root / "models" / "checkpoints" / "demo_sd1.safetensors", seed=1)
+    gen = torch.Generator().manual_seed(0)
+    to_pil(torch.rand(1, 50, 75, 3, generator=gen)).save(root / "input" / "example.png")  # cropped to 48×72
+    return root
+
+
+def _run(dirs: Path, workflow: Path, *extra: str, out: str = "output") -> int:
+    return ldm_run([str(workflow), "--models-dir", str(dirs / "models"), "--input-dir", str(dirs / "input"),
+                    "--output-dir", str(dirs / out), "--quiet", *extra])
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_workflow_runs_headless_and_embeds_itself(dirs, name, capsys):
+    out = f"out_{name}"
+    sets = [a for s in SMALL[name] for a in ("--set", s)]
+    assert _run(dirs, WORKFLOWS / name, *sets, "--json", out=out) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["ok"] and len(summary["images"]) == 1
+    img = Image.open(summary["images"][0])
+    assert img.size == EXPECTED_SIZE[name]
+    prompt = json.loads(img.text["prompt"])
+    assert any(n["class_type"] in ("VAEDecode", "LDMVAEDecode") for n in prompt.values())
+    if name.endswith("_ui.json"):  # the editor's format is embedded too, so dragging the PNG restores the graph
+        assert json.loads(img.text["workflow"])["nodes"]
+    # the PNG itself re-runs
+    assert _run(dirs, Path(summary["images"][0]), out=out + "_again") == 0
+
+
+def test_same_graph_and_seed_give_identical_png_bytes(dirs):
+    sets = [a for s in SMALL["txt2img.json"] for a in ("--set", s)]
+    assert _run(dirs, WORKFLOWS / "txt2img.json", *sets, out="det_a") == 0
+    assert _run(dirs, WORKFLOWS / "txt2img.json", *sets, out="det_b") == 0
+    a = (dirs / "det_a" / "txt2img_00001_.png").read_bytes()
+    b = (dirs / "det_b" / "txt2img_00001_.png").read_bytes()
+    assert a == b
+
+
+def test_batch_seeds_and_no_overwrite(dirs, capsys):
+    sets = [a for s in SMALL["txt2img.json"] for a in ("--set", s)]
+    assert _run(dirs, WORKFLOWS / "txt2img.json", *sets, "--seed", "5", "--batch-seeds", "2", "--json", out="seeds") == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    names = sorted(Path(p).name for p in summary["images"])
+    assert names == ["txt2img_00001_.png", "txt2img_00002_.png"]
+    a, b = (Image.open(p).tobytes() for p in summary["images"])
+    assert a != b  # different seeds
+
+
+def test_prefix_escaping_output_dir_is_refused_and_nothing_written(dirs, tmp_path):
+    sets = [a for s in SMALL["txt2img.json"] for a in ("--set", s)]
+    code = _run(dirs, WORKFLOWS / "txt2img.json", *sets, "--set", '7.filename_prefix="../../escape"', out="esc")
+    assert code == 1
+    assert not list(dirs.glob("**/escape*"))
+
+
+def test_validation_report_and_exit_code(dirs, capsys, tmp_path):
+    bad = json.loads((WORKFLOWS / "txt2img.json").read_text())
+    bad["5"]["inputs"]["sampler_name"] = "no_such_sampler"
+    bad["5"]["inputs"]["steps"] = 0
+    bad["6"]["class_type"] = "NoSuchNode"
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(bad))
+    assert _run(dirs, p) == 1
+    err = capsys.readouterr().err
+    for code in ("value_not_in_list", "value_out_of_range", "unknown_node_type"):
+        assert code in err
+
+
+def test_node_contract_of_every_pack_node():
+    classes, names = node_mappings(pack_specs(), context_factory=lambda: None)
+    assert classes and set(classes) == set(names)
+    for node_id, cls in classes.items():
+        assert node_id.startswith("LDM"), node_id
+        types = cls.INPUT_TYPES()
+        assert set(types) <= {"required", "optional", "hidden"} and "required" in types
+        for section in ("required", "optional"):
+            for name, value in types.get(section, {}).items():
+                assert isinstance(value, tuple) and len(value) == 2, (node_id, name)
+                assert isinstance(value[0], (str, list)) and isinstance(value[1], dict), (node_id, name)
+        assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
+        assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES)
+        assert callable(getattr(cls, cls.FUNCTION))
+        assert cls.CATEGORY.startswith("ldm/") and isinstance(cls.OUTPUT_NODE, bool)
+        assert cls.DESCRIPTION
+
+
+def test_core_table_keeps_comfyui_input_order():
+    reg = headless_registry()
+    for core_id, (_, _, _, names) in CORE_NODES.items():
+        assert tuple(i.name for i in reg[core_id].inputs) == names, core_id
+    assert reg["KSampler"].input("model").type == "MODEL"
+    assert reg["LDMKSampler"].input("model").type == "LDM_MODEL"
+
+
+def test_pack_loads_like_comfyui_loads_it(tmp_path):
+    """Imported as a package from a folder whose name has dashes, while a foreign top-level
+    `nodes` module (ComfyUI's) is already imported: nothing shadowed, every node registered."""
+    pack = tmp_path / "custom_nodes" / "ldm-pack-under-test"
+    pack.parent.mkdir()
+    shutil.copytree(ROOT, pack, ignore=shutil.ignore_patterns(".git", ".venv", ".ci-venv", "__pycache__", "output",
+                                                              ".pytest_cache", ".hypothesis", "*.egg-info"))
+    script = textwrap.dedent(f"""
+        import importlib.util, sys, types
+        foreign = types.ModuleType("nodes"); foreign.MARK = "comfy"; sys.modules["nodes"] = foreign
+        path = {str(pack / "__init__.py")!r}
+        spec = importlib.util.spec_from_file_location("ldm-pack-under-test", path,
+                                                      submodule_search_locations=[{str(pack)!r}])
+        mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
+        assert sys.modules["nodes"] is foreign, "the pack replaced ComfyUI's nodes module"
+        assert "folder_paths" not in sys.modules and "comfy" not in sys.modules
+        assert "ldm_core" not in sys.modules, "engine imported as a top-level package instead of relatively"
+        m = mod.NODE_CLASS_MAPPINGS
+        assert len(m) >= 15 and all(k.startswith("LDM") for k in m), sorted(m)
+        for cls in m.values():
+            cls.INPUT_TYPES()
+        print(len(m))
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
