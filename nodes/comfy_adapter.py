@@ -77,6 +77,8 @@ def _widget_options(i: Any) -> dict[str, Any]:
         opts["control_after_generate"] = True
     if i.force_input:
         opts["forceInput"] = True
+    if i.image_upload:
+        opts["image_upload"] = True
     if i.tooltip:
         opts["tooltip"] = i.tooltip
     return opts

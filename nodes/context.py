@@ -29,8 +29,13 @@ class PathError(ValueError):
 
 
 def _inside(folder: Path, name: str) -> Path:
-    path = (folder / name).resolve()
-    if not path.is_relative_to(folder.resolve()):
+    """`folder/name`, refusing names that climb out of the folder ("../x", "/abs").
+
+    The check is on the normalised name, not on where symlinks lead: a model file linked in
+    from another disk is the user's choice (ComfyUI allows it too), a `..` in a workflow is not."""
+    folder = Path(os.path.abspath(folder))
+    path = Path(os.path.normpath(folder / name))
+    if os.path.isabs(name) or not path.is_relative_to(folder):
         raise PathError(f"{name!r} points outside {folder}; use a name inside that folder")
     return path
 
@@ -71,7 +76,7 @@ class NodeContext:
 
     def model_path(self, kind: str, name: str) -> Path:
         for folder in self.model_dirs.get(kind, []):
-            path = _inside(folder, name)
+            path = _inside(folder, name)  # raises for names that leave any folder
             if path.is_file():
                 return path
         if name in self.builtin_models.get(kind, {}):
@@ -94,7 +99,7 @@ class NodeContext:
     def output_folder(self, subfolder: str, *, temp: bool = False) -> Path:
         """A folder under the output (or temp) directory; refuses anything that leaves it."""
         base = self.temp_dir if temp else self.output_dir
-        folder = _inside(base, subfolder) if subfolder else base.resolve()
+        folder = _inside(base, subfolder) if subfolder else Path(os.path.abspath(base))
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 

@@ -159,3 +159,20 @@ def test_pack_loads_like_comfyui_loads_it(tmp_path):
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_symlinked_model_files_load_but_names_cannot_climb_out(dirs, tmp_path):
+    from nodes.context import NodeContext, PathError
+
+    elsewhere = tmp_path / "disk2" / "real.safetensors"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"x")
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    (models / "checkpoints" / "linked.safetensors").symlink_to(elsewhere)
+    ctx = NodeContext.headless(models)
+    assert "linked.safetensors" in ctx.list_models("checkpoints")
+    assert ctx.model_path("checkpoints", "linked.safetensors").read_bytes() == b"x"
+    for bad in ("../disk2/real.safetensors", str(elsewhere), "a/../../x.safetensors"):
+        with pytest.raises(PathError, match="outside"):
+            ctx.model_path("checkpoints", bad)

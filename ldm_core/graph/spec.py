@@ -39,6 +39,7 @@ class InputSpec:
     tooltip: str = ""
     control_after_generate: bool = False
     force_input: bool = False  # a widget type shown as a socket
+    image_upload: bool = False  # the editor shows an upload button that adds files to the choices
 
     @property
     def is_widget(self) -> bool:
