@@ -176,3 +176,28 @@ def test_symlinked_model_files_load_but_names_cannot_climb_out(dirs, tmp_path):
     for bad in ("../disk2/real.safetensors", str(elsewhere), "a/../../x.safetensors"):
         with pytest.raises(PathError, match="outside"):
             ctx.model_path("checkpoints", bad)
+
+
+def test_extra_model_paths_yaml(tmp_path):
+    from nodes.context import NodeContext
+
+    a1111 = tmp_path / "webui"
+    (a1111 / "models" / "Stable-diffusion").mkdir(parents=True)
+    (a1111 / "models" / "Stable-diffusion" / "a.safetensors").write_bytes(b"")
+    (a1111 / "models" / "Lora").mkdir(parents=True)
+    (a1111 / "models" / "LyCORIS").mkdir(parents=True)
+    (a1111 / "models" / "LyCORIS" / "l.safetensors").write_bytes(b"")
+    yaml_file = tmp_path / "extra_model_paths.yaml"
+    yaml_file.write_text(
+        "a111:\n"
+        "    base_path: webui/\n"
+        "    checkpoints: models/Stable-diffusion\n"
+        "    loras: |\n"
+        "         models/Lora\n"
+        "         models/LyCORIS\n"
+        "    upscale_models: models/ESRGAN\n"
+    )
+    ctx = NodeContext.headless(None, extra_paths=yaml_file)
+    assert ctx.list_models("checkpoints") == ["a.safetensors"]
+    assert ctx.list_models("loras") == ["l.safetensors"]
+    assert ctx.model_path("checkpoints", "a.safetensors") == a1111 / "models" / "Stable-diffusion" / "a.safetensors"
