@@ -141,3 +141,9 @@ def test_v_prediction_denoiser_formula(tiny_sd1):
     out = den.unet(x / math.sqrt(5), t, ctx)
     torch.testing.assert_close(v_den(x, sigma, ctx), x / 5 - out * 2 / math.sqrt(5))
     torch.testing.assert_close(den(x, sigma, ctx), x - out * 2)
+
+
+def test_normal_schedule_pinned_to_comfyui():
+    # Read off a real ComfyUI v0.3.64 run on CPU (KSampler, SD1.5 checkpoint, 4 steps, "normal").
+    comfy = [14.614640235900879, 2.918307065963745, 0.9323579668998718, 0.029167160391807556, 0.0]
+    assert normal_sigmas(SD, 4).tolist() == comfy
