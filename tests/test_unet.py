@@ -136,7 +136,7 @@ def pair(name: str) -> tuple[UNetModel, UNet2DConditionModel, dict[str, torch.Te
     if name not in _pairs:
         config = VARIANTS[name][0]
         ours = UNetModel(config).eval()
-        randomize_(ours, seed=len(_pairs))
+        randomize_(ours, seed=list(VARIANTS).index(name))
         cfg = diffusers_config(config)
         converted = to_diffusers(ours, cfg)
         ref = UNet2DConditionModel(**cfg).eval()
@@ -145,7 +145,7 @@ def pair(name: str) -> tuple[UNetModel, UNet2DConditionModel, dict[str, torch.Te
     return _pairs[name]
 
 
-@pytest.mark.parametrize("name", ["sd1", "sd2_v", "sd1_inpaint", "sdxl", "sdxl_refiner", "no_middle_block"])
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_keys_convert_onto_diffusers_one_to_one(name):
     ours, ref, converted = pair(name)
     own = ours.state_dict()
@@ -289,19 +289,81 @@ def test_strict_loading_names_the_bad_key(damage):
 # ---------------------------------------------------------------------------
 # The convolution fast paths against torch's own convolution.
 
-@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 1)])
+@pytest.fixture
+def patch_path_everywhere(monkeypatch):
+    """Send every eligible 3x3 convolution through the unfold-and-multiply path."""
+    from ldm_core import unet
+
+    monkeypatch.setattr(unet, "LARGE_WEIGHT", 0)
+    monkeypatch.setattr(unet, "SMALL_MAP_POSITIONS", 1 << 30)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("size", [(8, 8), (7, 5)])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_conv2d_fast_paths_match_torch(kernel, stride, size, channels_last):
+def test_conv2d_patch_path_matches_torch(stride, size, channels_last, patch_path_everywhere):
     from ldm_core.unet import Conv2d
 
     torch.manual_seed(0)
-    conv = Conv2d(24, 40, kernel, stride=stride, padding=kernel // 2)
+    conv = Conv2d(24, 40, 3, stride=stride, padding=1)
     x = torch.randn(2, 24, *size)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    expected = torch.nn.functional.conv2d(x.contiguous(), conv.weight, conv.bias, stride, kernel // 2)
+    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride, 1)
     with torch.inference_mode():
         got = conv(x)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_output_matches_diffusers_with_the_patch_path(patch_path_everywhere):
+    """Every 3x3 conv through the patch path (and, as weights count as large, plain upsampling)."""
+    ours, ref, _ = pair("sd1")
+    x = torch.randn(2, 4, 20, 12, generator=torch.Generator().manual_seed(3))
+    context, _, _ = _inputs("sd1")
+    t = torch.tensor([10.0, 700.0])
+    with torch.inference_mode():
+        expected = ref(x, t, context).sample
+        got = ours(x, t, context)
+    assert (got - expected).abs().max().item() / expected.abs().max().item() <= TOLERANCE
+
+
+def test_feed_forward_row_blocks_change_nothing(monkeypatch):
+    from ldm_core import attention
+
+    ff = attention.FeedForward(16).eval()
+    randomize_(ff, seed=5)
+    x = torch.randn(2, 37, 16)
+    with torch.inference_mode():
+        whole = ff(x)
+        monkeypatch.setattr(attention, "FEED_FORWARD_BLOCK_BYTES", 2 * 64 * 4 * 10)  # 10 rows a block
+        blocked = ff(x)
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [None, (10, 7)])  # None: exact doubling (sub-pixel path); else resize
+def test_upsample_matches_interpolate_then_conv(size):
+    from ldm_core.unet import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(24)
+    x = torch.randn(2, 24, 5, 4)
+    target = size or (10, 8)
+    upsampled = torch.nn.functional.interpolate(x, size=target, mode="nearest")
+    expected = torch.nn.functional.conv2d(upsampled, up.conv.weight, up.conv.bias, padding=1)
+    with torch.inference_mode():
+        got = up(x, size)
+    assert got.shape == (2, 24, *target)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("patch_path", [False, True])  # False: sub-pixel upsampling; True: patch convs
+def test_gradients_flow_through_every_path(patch_path, request):
+    """The in-place shortcuts keep autograd intact (fine-tuning, LoRA training)."""
+    if patch_path:
+        request.getfixturevalue("patch_path_everywhere")
+    config, _, _ = VARIANTS["sd1"]
+    model = UNetModel(config)
+    out = model(torch.randn(1, 4, 16, 16), torch.tensor([3.0]), torch.randn(1, 5, config.context_dim))
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
