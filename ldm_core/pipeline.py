@@ -9,7 +9,8 @@ from .conditioning import Cond
 from .latent import empty
 from .model import Checkpoint, DiffusionModel
 from .progress import Progress, null_progress
-from .sampling import SAMPLERS, CFGGuider, noise_latent, prepare_noise
+from .guidance import CFGGuider
+from .sampling import SAMPLERS, noise_latent, prepare_noise
 from .schedule import get_sigmas
 
 

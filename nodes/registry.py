@@ -14,7 +14,8 @@ from .types import CORE, OURS, Sockets
 
 log = logging.getLogger(__name__)
 
-MODULES = ("loaders", "text", "latent", "sampling", "vae", "image")  # each has specs(sockets, core)
+# Each module has specs(sockets, core) and may have CORE_NODES (merged into the table below).
+MODULES = ("loaders", "text", "latent", "sampling", "vae", "image")
 
 # core id: (our id, core display name, core category, core input names in ComfyUI's order)
 CORE_NODES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
@@ -39,6 +40,22 @@ CORE_NODES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "ImageScale": ("LDMImageScale", "Upscale Image", "image/upscaling", (
         "image", "upscale_method", "width", "height", "crop")),
 }
+
+
+def _module_core_nodes() -> None:
+    """Fold each module's own CORE_NODES entries into the table (a module owns its mappings)."""
+    for name in MODULES:
+        try:
+            module = importlib.import_module(f".{name}", __package__)
+        except Exception:  # noqa: BLE001 - reported by pack_specs
+            continue
+        for core_id, entry in getattr(module, "CORE_NODES", {}).items():
+            if core_id in CORE_NODES and CORE_NODES[core_id] != entry:
+                raise ValueError(f"core node {core_id} mapped twice")
+            CORE_NODES[core_id] = entry
+
+
+_module_core_nodes()
 
 
 def pack_specs(sockets: Sockets = OURS, core: bool = False) -> dict:

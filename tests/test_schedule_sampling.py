@@ -10,7 +10,8 @@ import torch
 from ldm_core.conditioning import Cond
 from ldm_core.config import ScheduleConfig
 from ldm_core.presets import PRESETS, shrink
-from ldm_core.sampling import CFGGuider, Denoiser, noise_latent, prepare_noise, sample_euler
+from ldm_core.guidance import CFGGuider
+from ldm_core.sampling import Denoiser, noise_latent, prepare_noise, sample_euler
 from ldm_core.schedule import DiscreteSchedule, get_sigmas, normal_sigmas
 from ldm_core.unet import UNetModel
 
