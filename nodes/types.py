@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 IMAGE, MASK, LATENT = "IMAGE", "MASK", "LATENT"
+SIGMAS = "SIGMAS"  # a 1-D float tensor of noise levels, as in ComfyUI
 MAX_RESOLUTION = 16384
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -17,7 +18,10 @@ class Sockets:
     clip: str
     vae: str
     conditioning: str
+    sampler: str
+    noise: str
+    guider: str
 
 
-OURS = Sockets("LDM_MODEL", "LDM_CLIP", "LDM_VAE", "LDM_CONDITIONING")
-CORE = Sockets("MODEL", "CLIP", "VAE", "CONDITIONING")
+OURS = Sockets("LDM_MODEL", "LDM_CLIP", "LDM_VAE", "LDM_CONDITIONING", "LDM_SAMPLER", "LDM_NOISE", "LDM_GUIDER")
+CORE = Sockets("MODEL", "CLIP", "VAE", "CONDITIONING", "SAMPLER", "NOISE", "GUIDER")
