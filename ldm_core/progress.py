@@ -5,6 +5,10 @@ from typing import Any, Protocol
 
 
 class Progress(Protocol):
+    """`update`'s `preview`, when given, is a zero-argument callable returning an RGB uint8
+    array [h, w, 3] of the current prediction (ldm_core.preview): a consumer that shows
+    previews calls it, others ignore it, so nobody pays for previews nobody sees."""
+
     def start(self, total: int) -> None: ...
     def update(self, done: int, total: int, preview: Any = None) -> None: ...
     def finish(self) -> None: ...

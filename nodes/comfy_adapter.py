@@ -45,21 +45,48 @@ class ComfyContext(NodeContext):
         return sorted(names)
 
 
+def _previews_enabled() -> tuple[bool, int]:
+    """ComfyUI's own switch (`--preview-method`; "none" by default) and its `--preview-size`."""
+    try:
+        from comfy.cli_args import args
+    except Exception:  # noqa: BLE001 - an older or stripped ComfyUI: no previews, never an error
+        return False, 512
+    method = getattr(getattr(args, "preview_method", None), "value", "none")
+    return method != "none", int(getattr(args, "preview_size", 512))
+
+
 class ComfyProgress:
-    """Our Progress protocol onto ComfyUI's progress bar (step counts and latent previews)."""
+    """Our Progress protocol onto ComfyUI's progress bar: step counts always, and a latent
+    preview per step when ComfyUI's preview method is on. `preview` is a zero-argument
+    callable returning an RGB uint8 array [h, w, 3] (see ldm_core.preview); it is only
+    called when the preview will be shown, so previews cost nothing when they are off."""
 
     def __init__(self, unique_id: str | None = None) -> None:
         self.bar = None
         self.unique_id = unique_id
+        self.previews, self.preview_size = False, 512
 
     def start(self, total: int) -> None:
         import comfy.utils
 
         self.bar = comfy.utils.ProgressBar(total, node_id=self.unique_id)
+        self.previews, self.preview_size = _previews_enabled()
 
     def update(self, done: int, total: int, preview: Any = None) -> None:
-        if self.bar is not None:
-            self.bar.update_absolute(done, total)
+        if self.bar is None:
+            return
+        image = None
+        if self.previews and callable(preview):
+            try:
+                rgb = preview()
+                if rgb is not None:
+                    from PIL import Image
+
+                    image = ("JPEG", Image.fromarray(rgb), self.preview_size)
+            except Exception:  # noqa: BLE001 - a failed preview must never fail the sampling
+                log.exception("ldm-pack: latent preview failed; continuing without previews")
+                self.previews = False
+        self.bar.update_absolute(done, total, image)
 
     def finish(self) -> None:
         self.bar = None
