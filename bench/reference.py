@@ -19,6 +19,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ldm_core.checkpoint import TEXT_ENCODER_PREFIXES
 from ldm_core.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ldm_core.presets import ADM_FOURIER_DIM
 from ldm_core.tokenizer import ClipTokenizer
 
 SD1_TEXT_PREFIX = TEXT_ENCODER_PREFIXES[0]  # cond_stage_model.transformer.
@@ -28,27 +29,44 @@ class ReferenceError(RuntimeError):
     """A reference model could not be built from our weights (a converter or config mismatch)."""
 
 
-def unet_config(u: UNetConfig) -> dict:
-    """UNet2DConditionModel config of the architecture `u` (SD1.x/2.x layouts; no ADM)."""
-    if u.adm_in_channels is not None or u.num_classes is not None:
-        raise ReferenceError("the benchmark's diffusers UNet config covers SD1.x/2.x only (no ADM / class labels)")
+def unet_config(u: UNetConfig, sample_size: int = 64) -> dict:
+    """The UNet2DConditionModel config of the same architecture as `u`."""
+    levels = range(len(u.channel_mult))
     widths = [u.model_channels * m for m in u.channel_mult]
-    attn = [d > 0 for d in u.transformer_depth]
-    # diffusers calls the head count "attention_head_dim" when heads are fixed.
-    heads = u.num_heads if u.num_head_channels == -1 else [w // u.num_head_channels for w in widths]
-    return dict(
-        sample_size=64,
+    attn = [u.transformer_depth[i] > 0 for i in levels]
+    if u.num_head_channels == -1:
+        heads: int | list[int] = u.num_heads  # diffusers calls the head count "attention_head_dim"
+    else:
+        heads = [w // u.num_head_channels for w in widths]
+    # diffusers' middle block takes the depth of the last level; levels without
+    # attention ignore theirs, so give them the middle depth.
+    depths = [d if d > 0 else max(u.transformer_depth_middle, 1) for d in u.transformer_depth]
+    if u.transformer_depth_middle >= 0:
+        assert depths[-1] == u.transformer_depth_middle, "diffusers cannot express this middle depth"
+    mid = {-1: "UNetMidBlock2D"}.get(u.transformer_depth_middle, "UNetMidBlock2DCrossAttn")
+    cfg = dict(
         in_channels=u.in_channels,
         out_channels=u.out_channels,
         block_out_channels=widths,
         layers_per_block=u.num_res_blocks,
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        mid_block_type=None if u.transformer_depth_middle < -1 else mid,
         cross_attention_dim=u.context_dim,
         attention_head_dim=heads,
+        transformer_layers_per_block=depths,
         use_linear_projection=u.use_linear_in_transformer,
         norm_num_groups=u.norm_groups,
+        sample_size=sample_size,
     )
+    if u.adm_in_channels is not None:
+        cfg.update(
+            addition_embed_type="text_time", addition_time_embed_dim=ADM_FOURIER_DIM,
+            projection_class_embeddings_input_dim=u.adm_in_channels,
+        )
+    if u.num_classes is not None:
+        cfg.update(num_class_embeds=u.num_classes)
+    return cfg
 
 
 def vae_config(v: VAEConfig, latent_scale: float) -> dict:

@@ -20,6 +20,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
 
+from bench.reference import unet_config as diffusers_config  # noqa: E402
+
 PREFIX = "model.diffusion_model."
 TOLERANCE = 1e-4  # max|ours - diffusers| / max|diffusers|
 
@@ -31,46 +33,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def diffusers_config(u: UNetConfig) -> dict:
-    """The UNet2DConditionModel config of the same architecture as `u`."""
-    levels = range(len(u.channel_mult))
-    widths = [u.model_channels * m for m in u.channel_mult]
-    attn = [u.transformer_depth[i] > 0 for i in levels]
-    if u.num_head_channels == -1:
-        heads: int | list[int] = u.num_heads  # diffusers calls the head count "attention_head_dim"
-    else:
-        heads = [w // u.num_head_channels for w in widths]
-    # diffusers' middle block takes the depth of the last level; levels without
-    # attention ignore theirs, so give them the middle depth.
-    depths = [d if d > 0 else max(u.transformer_depth_middle, 1) for d in u.transformer_depth]
-    if u.transformer_depth_middle >= 0:
-        assert depths[-1] == u.transformer_depth_middle, "diffusers cannot express this middle depth"
-    mid = {-1: "UNetMidBlock2D"}.get(u.transformer_depth_middle, "UNetMidBlock2DCrossAttn")
-    cfg = dict(
-        in_channels=u.in_channels,
-        out_channels=u.out_channels,
-        block_out_channels=widths,
-        layers_per_block=u.num_res_blocks,
-        down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        mid_block_type=None if u.transformer_depth_middle < -1 else mid,
-        cross_attention_dim=u.context_dim,
-        attention_head_dim=heads,
-        transformer_layers_per_block=depths,
-        use_linear_projection=u.use_linear_in_transformer,
-        norm_num_groups=u.norm_groups,
-        sample_size=32,
-    )
-    if u.adm_in_channels is not None:
-        cfg.update(
-            addition_embed_type="text_time", addition_time_embed_dim=ADM_FOURIER_DIM,
-            projection_class_embeddings_input_dim=u.adm_in_channels,
-        )
-    if u.num_classes is not None:
-        cfg.update(num_class_embeds=u.num_classes)
-    return cfg
 
 
 def to_diffusers(ours: UNetModel, cfg: dict) -> dict[str, torch.Tensor]:
