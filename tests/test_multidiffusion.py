@@ -1,0 +1,92 @@
+"""Tiled diffusion (MultiDiffusion): window planning, blending weights, and exactness where it must be exact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm_core.multidiffusion import TiledDenoiser, Window, plan_windows, window_weight
+from ldm_core.sampling import sample_euler
+
+
+def pointwise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A denoiser with no spatial coupling: tiling it must change nothing."""
+    s = sigma.reshape(-1, 1, 1, 1)
+    return x / (1 + s**2) + 0.3 * torch.tanh(x) * s / (1 + s)
+
+
+@pytest.mark.parametrize("size,tile,overlap", [((37, 53), 16, 4), ((16, 16), 16, 8), ((9, 40), 12, 11), ((64, 24), 32, 0)])
+def test_windows_cover_the_latent_with_the_requested_overlap(size, tile, overlap) -> None:
+    h, w = size
+    windows = plan_windows(h, w, tile, overlap)
+    count = torch.zeros(h, w)
+    for win in windows:
+        assert win.height == min(tile, h) and win.width == min(tile, w)
+        win.crop(count).add_(1)
+    assert (count >= 1).all()
+    tops = sorted({win.top for win in windows})
+    for a, b in zip(tops, tops[1:]):
+        assert b - a <= tile - overlap  # neighbours share at least `overlap` rows
+    assert max(win.top + win.height for win in windows) == h and max(win.left + win.width for win in windows) == w
+
+
+def test_feather_weights_ramp_only_at_inner_edges() -> None:
+    win = Window(0, 8, 16, 16)
+    weight = window_weight(win, 16, 40, overlap=4, mode="feather")
+    assert torch.equal(weight[:, 4:12], torch.ones(16, 8))  # interior and the border-touching top/bottom
+    assert torch.allclose(weight[0, :4], torch.tensor([0.2, 0.4, 0.6, 0.8]))  # left edge is inside the latent
+    assert torch.allclose(weight[0, 12:], torch.tensor([0.8, 0.6, 0.4, 0.2]))
+    assert torch.equal(window_weight(win, 16, 40, 4, "uniform"), torch.ones(16, 16))
+
+
+@pytest.mark.parametrize("mode", ["uniform", "feather"])
+@pytest.mark.parametrize("shape,tile,overlap", [((2, 4, 37, 53), 16, 6), ((1, 4, 73, 97), 32, 8)])
+def test_a_pointwise_denoiser_is_unchanged_by_tiling(mode, shape, tile, overlap) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((shape[0],), 2.5)
+    tiled = TiledDenoiser(lambda win: pointwise, plan_windows(*shape[-2:], tile, overlap), *shape[-2:], overlap, mode)
+    err = (tiled(x, sigma) - pointwise(x, sigma)).abs().max().item()
+    assert err < 1e-6, err
+
+
+def test_one_window_over_everything_is_the_plain_denoiser_bit_for_bit() -> None:
+    x = torch.randn(1, 4, 20, 28)
+    sigma = torch.tensor([1.7])
+    tiled = TiledDenoiser(lambda win: pointwise, plan_windows(20, 28, 64, 8), 20, 28, 8)
+    assert torch.equal(tiled(x, sigma), pointwise(x, sigma))
+
+
+def test_a_whole_sampling_run_matches_untiled_for_a_pointwise_denoiser() -> None:
+    x = torch.randn(1, 4, 30, 45, generator=torch.Generator().manual_seed(1)) * 14.6
+    sigmas = torch.tensor([14.6, 6.0, 2.0, 0.5, 0.0])
+    tiled = TiledDenoiser(lambda win: pointwise, plan_windows(30, 45, 16, 4), 30, 45, 4)
+    a, b = sample_euler(tiled, x, sigmas), sample_euler(pointwise, x, sigmas)
+    assert (a - b).abs().max().item() < 1e-5
+
+
+def test_each_window_gets_its_own_conditioning_built_once() -> None:
+    built = []
+
+    def denoiser_for(win: Window):
+        built.append(win.key)
+        value = {"sky": 1.0, "sea": -1.0}[win.key]
+        return lambda x, sigma: torch.full_like(x, value)
+
+    windows = [Window(0, 0, 8, 16, key="sky"), Window(6, 0, 10, 16, key="sea")]
+    tiled = TiledDenoiser(denoiser_for, windows, 16, 16, overlap=2, mode="uniform")
+    for _ in range(3):
+        out = tiled(torch.zeros(1, 4, 16, 16), torch.tensor([1.0]))
+    assert sorted(built) == ["sea", "sky"]  # cached across steps
+    assert (out[..., :6, :] == 1).all() and (out[..., 8:, :] == -1).all()
+    assert torch.allclose(out[..., 6:8, :], torch.zeros(1, 4, 2, 16))  # overlap: the average
+
+
+def test_bad_plans_are_refused_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="uncovered"):
+        TiledDenoiser(lambda w: pointwise, [Window(0, 0, 8, 8)], 8, 16, 0)
+    with pytest.raises(ValueError, match="outside"):
+        TiledDenoiser(lambda w: pointwise, [Window(4, 0, 8, 8)], 8, 8, 0)
+    with pytest.raises(ValueError, match="overlap"):
+        plan_windows(32, 32, 16, 16)
+    tiled = TiledDenoiser(lambda w: pointwise, plan_windows(8, 8, 8, 0), 8, 8, 0)
+    with pytest.raises(ValueError, match="planned"):
+        tiled(torch.zeros(1, 4, 9, 8), torch.tensor([1.0]))
