@@ -1,24 +1,27 @@
-"""The denoising loop in σ-space: denoiser wrapper, samplers, initial noise (guidance: guidance.py).
+"""The denoising loop in σ-space: denoiser wrapper, sampler table, initial noise (guidance: guidance.py).
 
 Samplers see one function D(x, σ) → x̂0 and nothing else (Karras et al. 2022): the
 prediction type (ε or v), the input scaling c_in and the σ → t mapping stay inside
-`Denoiser`. Every sampler is a small function registered in `SAMPLERS`; that dict
-also feeds the editor's dropdown, so the two can never drift apart.
+`Denoiser`. Every sampler is a small function in `samplers.py` registered in `SAMPLERS`;
+that dict also feeds the editor's dropdown, so the two can never drift apart.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from .samplers import (  # re-exported (__all__): the sampler table and its contract live here too
+    DISCARD_PENULTIMATE, SAMPLERS, BrownianNoise, DenoiseFn, Sampler, StepCallback, ancestral_step,
+    gaussian_noise, sample_euler, to_d,
+)
 from .schedule import DiscreteSchedule
 
-DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B,C,h,w], sigma [B]) -> x0
-StepCallback = Callable[[dict[str, Any]], None]
+__all__ = ["DISCARD_PENULTIMATE", "SAMPLERS", "BrownianNoise", "DenoiseFn", "Denoiser", "Sampler", "StepCallback",
+           "ancestral_step", "gaussian_noise", "noise_latent", "prepare_noise", "sample_euler", "to_d"]
 
 
 class Denoiser:
@@ -44,34 +47,6 @@ class Denoiser:
         if self.prediction == "v":
             return x.float() / (s**2 + 1) - out * s / (s**2 + 1).sqrt()
         return x.float() - out * s
-
-
-def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-    """dx/dσ of the probability-flow ODE: (x − D(x, σ)) / σ."""
-    return (x - denoised) / sigma.reshape(-1, *([1] * (x.ndim - 1)))
-
-
-@torch.no_grad()
-def sample_euler(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                 callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
-    ones = x.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = denoiser(x, sigmas[i] * ones)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised, "total": len(sigmas) - 1})
-        x = x + to_d(x, sigmas[i] * ones, denoised) * (sigmas[i + 1] - sigmas[i])
-    return x
-
-
-class Sampler(Protocol):
-    def __call__(self, denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                 callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor: ...
-
-
-SAMPLERS: dict[str, Sampler] = {
-    "euler": sample_euler,
-}
 
 
 def prepare_noise(shape: Sequence[int], seed: int, batch_index: Sequence[int] | None = None) -> torch.Tensor:

@@ -18,6 +18,15 @@ from ldm_core.unet import UNetModel
 SD = DiscreteSchedule(ScheduleConfig())
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one thread is fastest, and on a shared CPU spinning OpenMP teams cost 50x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_sd_schedule_known_values():
     # Stable Diffusion's scaled-linear schedule: σ_min, σ_max as quoted by k-diffusion and ComfyUI.
     assert float(SD.sigma_min) == pytest.approx(0.0292, abs=1e-4)
@@ -148,3 +157,75 @@ def test_normal_schedule_pinned_to_comfyui():
     # Read off a real ComfyUI v0.3.64 run on CPU (KSampler, SD1.5 checkpoint, 4 steps, "normal").
     comfy = [14.614640235900879, 2.918307065963745, 0.9323579668998718, 0.029167160391807556, 0.0]
     assert normal_sigmas(SD, 4).tolist() == comfy
+
+
+# ---- custom-sampling nodes (KSamplerSelect, BasicScheduler, SplitSigmas, SamplerCustom, …) -------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from ldm_core.loader import load_checkpoint
+    from ldm_core.synth import save_checkpoint
+
+    path = save_checkpoint(shrink(PRESETS["sd1"]), tmp_path_factory.mktemp("ck") / "m.safetensors", seed=3, vae=False)
+    model = load_checkpoint(path, device="cpu").model
+    g = torch.Generator().manual_seed(5)
+    pos = Cond(torch.randn(1, 77, model.config.unet.context_dim, generator=g))
+    neg = Cond(torch.randn(1, 77, model.config.unet.context_dim, generator=g))
+    return model, [pos], [neg]
+
+
+def _core(node_id):
+    from nodes.registry import headless_registry
+
+    return headless_registry()[node_id].run
+
+
+def test_sampler_custom_equals_ksampler(tiny_model):
+    from ldm_core.pipeline import ksample
+
+    model, pos, neg = tiny_model
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    (sampler,) = _core("KSamplerSelect")(None, sampler_name="heun")
+    (sigmas,) = _core("BasicScheduler")(None, model=model, scheduler="karras", steps=3, denoise=1.0)
+    out, denoised = _core("SamplerCustom")(None, model=model, add_noise=True, noise_seed=9, cfg=4.0, positive=pos,
+                                           negative=neg, sampler=sampler, sigmas=sigmas, latent_image=latent)
+    ref = ksample(model, pos, neg, latent["samples"], seed=9, steps=3, cfg=4.0, sampler="heun", scheduler="karras")
+    torch.testing.assert_close(out["samples"], ref, atol=1e-5, rtol=1e-5)
+    # denoised_output is the last x̂0; Heun's final step to σ = 0 is an Euler step, which lands on it
+    torch.testing.assert_close(denoised["samples"], out["samples"], atol=1e-4, rtol=1e-5)
+
+
+def test_split_sigmas_two_passes_equal_one(tiny_model):
+    model, pos, neg = tiny_model
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    (sampler,) = _core("KSamplerSelect")(None, sampler_name="euler")
+    (sigmas,) = _core("BasicScheduler")(None, model=model, scheduler="normal", steps=4, denoise=1.0)
+    high, low = _core("SplitSigmas")(None, sigmas=sigmas, step=2)
+    run = _core("SamplerCustom")
+    kw = dict(model=model, noise_seed=1, cfg=3.0, positive=pos, negative=neg, sampler=sampler)
+    whole, _ = run(None, add_noise=True, sigmas=sigmas, latent_image=latent, **kw)
+    first, _ = run(None, add_noise=True, sigmas=high, latent_image=latent, **kw)
+    second, _ = run(None, add_noise=False, sigmas=low, latent_image=first, **kw)
+    torch.testing.assert_close(second["samples"], whole["samples"], atol=1e-5, rtol=1e-5)
+
+
+def test_sigma_nodes_and_seeded_stochastic_sampler(tiny_model):
+    model, pos, neg = tiny_model
+    (k,) = _core("KarrasScheduler")(None, steps=5, sigma_max=14.614642, sigma_min=0.0291675, rho=7.0)
+    torch.testing.assert_close(k, get_sigmas(model.schedule, "karras", 5), rtol=5e-5, atol=0)  # SD σ range
+    (e,) = _core("ExponentialScheduler")(None, steps=5, sigma_max=10.0, sigma_min=0.1)
+    assert e[0] == pytest.approx(10.0) and e[-1] == 0
+    (f,) = _core("FlipSigmas")(None, sigmas=k)
+    assert f[0] == pytest.approx(1e-4) and f[-1] == k[0]
+    hi, lo = _core("SplitSigmasDenoise")(None, sigmas=k, denoise=0.4)
+    assert len(hi) == 4 and torch.equal(lo, k[-3:])
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    (sampler,) = _core("KSamplerSelect")(None, sampler_name="dpmpp_2m_sde")
+    kw = dict(model=model, add_noise=True, cfg=3.0, positive=pos, negative=neg, sampler=sampler, sigmas=k,
+              latent_image=latent)
+    a = _core("SamplerCustom")(None, noise_seed=4, **kw)[0]["samples"]
+    b = _core("SamplerCustom")(None, noise_seed=4, **kw)[0]["samples"]
+    c = _core("SamplerCustom")(None, noise_seed=5, **kw)[0]["samples"]
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        _core("KSamplerSelect")(None, sampler_name="nope")
