@@ -20,6 +20,7 @@ from .device import Precision, pick_device, pick_precision
 from .errors import StateDictMismatchError, UnsupportedModelError, WrongComponentError
 from .model import VAE, Checkpoint, DiffusionModel, TextEncoder
 from .presets import CLIP_G, CLIP_H, CLIP_L, PRESETS
+from .preview import LatentPreviewer, VAEPreview
 from .text_encoder import ClipTextEncoder, TextEncoderSet
 from .tokenizer import ClipTokenizer
 from .unet import UNetModel
@@ -75,6 +76,8 @@ def load_checkpoint(
     if comps.vae:
         v = _wrap(AutoencoderKL.from_state_dict, f"{Path(path).name}: VAE", config.vae, comps.vae, prec.vae)
         vae = VAE(_place(v, dev), config.vae, dev, prec.vae)
+    model.preview = LatentPreviewer.channels(model.latent_channels) if vae is None else VAEPreview(
+        vae, config.latent_scale)
     return Checkpoint(config, model, text, vae, Path(path))
 
 
@@ -112,7 +115,9 @@ def load_diffusion_model(path: str | os.PathLike, *, family: str | None = None,
     dev = pick_device(device)
     dtype = dtype or pick_precision(dev).unet
     unet = _wrap(UNetModel.from_state_dict, f"{Path(path).name}: UNet", unet_config, sd, dtype)
-    return DiffusionModel(_place(unet, dev), config, dev, dtype)
+    model = DiffusionModel(_place(unet, dev), config, dev, dtype)
+    model.preview = LatentPreviewer.channels(model.latent_channels)  # no VAE known: structure only
+    return model
 
 
 def _family_for_unet(unet: Any, family: str | None) -> str:

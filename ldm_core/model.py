@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .conditioning import Cond
 from .config import ModelConfig, TextEncoderConfig, VAEConfig
 from .errors import PromptError
+from .lora import LoraTarget, PatchedModule, WeightPatch, patched
 from .prompt import tokenize_with_weights
 from .sampling import Denoiser
 from .schedule import DiscreteSchedule
@@ -23,6 +26,7 @@ from .text_encoder import FROM_CONFIG, TextEncoderSet
 from .tokenizer import ClipTokenizer
 from .unet import UNetModel
 from .vae import AutoencoderKL
+from .tiled_vae import TileOptions, decode_tiled, encode_tiled, free_memory, untiled_bytes
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,11 @@ class DiffusionModel:
     device: torch.device
     dtype: torch.dtype
     schedule: DiscreteSchedule = field(init=False)
+    # LoRA weight patches carried by this view of the (shared, unchanged) UNet; see lora.py.
+    patches: tuple[WeightPatch, ...] = ()
+    # x̂0 (model space) → RGB uint8 [h, w, 3] for per-step previews (preview.py); the loader
+    # binds it to the checkpoint's VAE, None shows no previews.
+    preview: Callable[[torch.Tensor], Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.schedule = DiscreteSchedule(self.config.schedule)
@@ -52,7 +61,26 @@ class DiffusionModel:
         return x / self.config.latent_scale
 
     def denoiser(self) -> Denoiser:
-        return Denoiser(self.unet, self.schedule, self.config.prediction, self.dtype)
+        """D(x, σ). With patches, the UNet it calls merges them once (at its first call) and
+        swaps them in around each forward, so the shared UNet is never left patched."""
+        unet = PatchedModule(self.unet, self.patches) if self.patches else self.unet
+        return Denoiser(unet, self.schedule, self.config.prediction, self.dtype)
+
+    def with_patches(self, patches: list[WeightPatch] | tuple[WeightPatch, ...]) -> "DiffusionModel":
+        """A view of the same UNet with `patches` added after this view's own (LoRAs stack)."""
+        return replace(self, patches=self.patches + tuple(patches))
+
+    def lora_target(self) -> LoraTarget:
+        """What a LoRA file can name in this UNet: every spelling of every weight, and the shapes."""
+        from .lora_keys import unet_key_map
+
+        sd = self.unet.state_dict()
+        return LoraTarget("unet", unet_key_map(sd, self.config.unet), {k: v.shape for k, v in sd.items()})
+
+    def weights_applied(self):  # -> context manager yielding the UNet
+        """`with model.weights_applied() as unet:` the shared UNet with this view's patches merged
+        in for the block (restored after), for code that calls the UNet directly."""
+        return patched(self.unet, self.patches)
 
 
 EMBEDDING_SUFFIXES = ("", ".safetensors", ".pt", ".bin")
@@ -85,10 +113,24 @@ class TextEncoder:
     dtype: torch.dtype
     layer_idx: int | None = None
     embedding_dirs: tuple[Path, ...] = ()
+    # LoRA weight patches carried by this view of the (shared, unchanged) encoders; see lora.py.
+    patches: tuple[WeightPatch, ...] = ()
 
     @property
     def configs(self) -> list[TextEncoderConfig]:
         return [e.config for e in self.encoders.encoders.values()]
+
+    def with_patches(self, patches: list[WeightPatch] | tuple[WeightPatch, ...]) -> "TextEncoder":
+        """A view of the same encoders with `patches` added after this view's own (LoRAs stack)."""
+        return replace(self, patches=self.patches + tuple(patches))
+
+    def lora_target(self) -> LoraTarget:
+        """What a LoRA file can name in these encoders (keys `encoders.<name>.text_model...`)."""
+        from .lora_keys import text_key_map
+
+        sd = self.encoders.state_dict()
+        names = list(self.encoders.encoders)
+        return LoraTarget("text", text_key_map(sd, names), {k: v.shape for k, v in sd.items()})
 
     def with_clip_skip(self, layer_idx: int | None) -> "TextEncoder":
         """A view of the same weights that reads the hidden state after layer `layer_idx` (-1 last, -2 ...)."""
@@ -123,7 +165,8 @@ class TextEncoder:
             for name, enc in self.encoders.encoders.items()
         }
         layer = FROM_CONFIG if self.layer_idx is None else self.layer_idx
-        context, pooled = self.encoders.encode_token_weights(chunks, layer)
+        with patched(self.encoders, self.patches):  # LoRA merged for this call only
+            context, pooled = self.encoders.encode_token_weights(chunks, layer)
         return Cond(context=context.float().cpu(), pooled=None if pooled is None else pooled.float().cpu())
 
 
@@ -150,24 +193,93 @@ class VAE:
                 image = image.narrow(dim, (size % f) // 2, keep)
         return image
 
+    def _pixels_in(self, image: torch.Tensor) -> torch.Tensor:
+        """IMAGE [B,H,W,3] in 0..1 → [B,3,H',W'] in −1..1 (H', W' cropped to multiples of f) on the device."""
+        return self.crop_to_factor(image).movedim(-1, 1).to(self.device, self.dtype) * 2 - 1
+
+    @staticmethod
+    def _pixels_out(x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+
+    def _fits(self, height: int, width: int, what: str) -> bool:
+        """False (with a message) when the untiled pass would clearly not fit in free memory."""
+        need, free = untiled_bytes(self.model, height, width), free_memory(self.device)
+        if need <= free:
+            return True
+        log.warning("VAE %s at %d×%d needs about %.1f GiB, %.1f GiB are free: running it tiled (exact)",
+                    what, width, height, need / 2**30, free / 2**30)
+        return False
+
     @torch.inference_mode()
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Posterior mean (or a sample, given a generator) of E(2·image − 1)."""
-        x = self.crop_to_factor(image).movedim(-1, 1).to(self.device, self.dtype) * 2 - 1
-        posterior = self.model.encode(x)
+        """Posterior mean (or a sample, given a generator) of E(2·image − 1).
+
+        Runs tiled (exact) instead when the plain pass would not fit or runs out of memory.
+        """
+        x = self._pixels_in(image)
+        posterior = None
+        if self._fits(x.shape[-2], x.shape[-1], "encode"):
+            try:
+                posterior = self.model.encode(x)
+            except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError
+                if not _out_of_memory(e):
+                    raise
+                log.warning("VAE encode of %s ran out of memory; retrying tiled (exact, same result)", list(x.shape))
+        if posterior is None:
+            posterior = encode_tiled(self.model, x, TileOptions())
+        z = posterior.mode() if generator is None else posterior.sample(generator)
+        return z.float().cpu()
+
+    @torch.inference_mode()
+    def encode_tiled(self, image: torch.Tensor, tile: int | None = None, mode: str = "exact",
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """`encode` in tiles of `tile` image px (None: from free memory); "exact" equals `encode`."""
+        posterior = encode_tiled(self.model, self._pixels_in(image), TileOptions(tile, mode))
         z = posterior.mode() if generator is None else posterior.sample(generator)
         return z.float().cpu()
 
     @torch.inference_mode()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """D(latent) as an IMAGE [B,H,W,3] float32 in 0..1 on the CPU."""
-        x = self.model.decode(latent.to(self.device, self.dtype))
+        """D(latent) as an IMAGE [B,H,W,3] float32 in 0..1 on the CPU.
+
+        Runs tiled (exact) instead when the plain pass would not fit or runs out of memory.
+        """
+        z = latent.to(self.device, self.dtype)
+        f = self.factor
+        if self._fits(f * z.shape[-2], f * z.shape[-1], "decode"):
+            try:
+                return self._pixels_out(self._finite(latent, self.model.decode))
+            except RuntimeError as e:
+                if not _out_of_memory(e):
+                    raise
+                log.warning("VAE decode of %s ran out of memory; retrying tiled (exact, same result)", list(z.shape))
+        return self._pixels_out(self._finite(latent, lambda t: decode_tiled(self.model, t, TileOptions())))
+
+    @torch.inference_mode()
+    def decode_tiled(self, latent: torch.Tensor, tile: int | None = None, mode: str = "exact") -> torch.Tensor:
+        """`decode` in tiles of `tile` image px (None: from free memory); "exact" equals `decode`."""
+        options = TileOptions(tile, mode)  # type: ignore[arg-type]  (checked there)
+        return self._pixels_out(self._finite(latent, lambda t: decode_tiled(self.model, t, options)))
+
+    def _finite(self, latent: torch.Tensor, run) -> torch.Tensor:
+        """run(latent in the VAE's dtype); a non-finite result is redone in fp32 from the
+        original (unrounded) latent."""
+        x = run(latent.to(self.device, self.dtype))
         if self.dtype != torch.float32 and not torch.isfinite(x).all():
             # fp16 overflow in the SD decoder gives NaN (black images): redo in fp32.
             log.warning("VAE decode in %s produced non-finite values; retrying in fp32", self.dtype)
-            x = self.model.float().decode(latent.to(self.device, torch.float32))
-            self.model.to(self.dtype)
-        return ((x.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+            self.model.float()
+            try:
+                x = run(latent.to(self.device, torch.float32))
+            finally:
+                self.model.to(self.dtype)
+        return x
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A failed allocation: CUDA/MPS raise torch.OutOfMemoryError, the CPU allocator a RuntimeError."""
+    text = str(error).lower()
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 @dataclass

@@ -81,9 +81,9 @@ def window_weight(window: Window, height: int, width: int, overlap: int, mode: s
 class TiledDenoiser:
     """D(x, σ) = Σ_w W_w · D_w(crop_w(x), σ) / Σ_w W_w over the windows.
 
-    `denoiser_for(window)` gives the denoiser of a window (a guider built for the window's size
-    and conditioning); it is called once per distinct (size, key) and cached here, so the
-    guiders are built once per sampling run, not per step.
+    `denoiser_for(window)` gives the denoiser of a window (e.g. a guider's view of that crop,
+    with the window's own conditioning); it is called once per window and cached here, so
+    it is built once per sampling run, not per step.
     """
 
     def __init__(self, denoiser_for: Callable[[Window], DenoiseFn], windows: Sequence[Window],
@@ -104,13 +104,12 @@ class TiledDenoiser:
             raise ValueError("the windows leave part of the latent uncovered")
         self.total = covered
         self._denoiser_for = denoiser_for
-        self._cache: dict[tuple, DenoiseFn] = {}
+        self._cache: dict[Window, DenoiseFn] = {}
 
     def _denoiser(self, win: Window) -> DenoiseFn:
-        key = (win.height, win.width, win.key)
-        if key not in self._cache:
-            self._cache[key] = self._denoiser_for(win)
-        return self._cache[key]
+        if win not in self._cache:
+            self._cache[win] = self._denoiser_for(win)
+        return self._cache[win]
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != (self.height, self.width):

@@ -15,7 +15,7 @@ from .types import CORE, OURS, Sockets
 log = logging.getLogger(__name__)
 
 # Each module has specs(sockets, core) and may have CORE_NODES (merged into the table below).
-MODULES = ("loaders", "text", "latent", "sampling", "vae", "image")
+MODULES = ("loaders", "text", "conditioning", "latent", "sampling", "vae", "image", "inpaint", "mask", "parts", "lora")
 
 # core id: (our id, core display name, core category, core input names in ComfyUI's order)
 CORE_NODES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {

@@ -90,3 +90,86 @@ def test_bad_plans_are_refused_with_a_reason() -> None:
     tiled = TiledDenoiser(lambda w: pointwise, plan_windows(8, 8, 8, 0), 8, 8, 0)
     with pytest.raises(ValueError, match="planned"):
         tiled(torch.zeros(1, 4, 9, 8), torch.tensor([1.0]))
+
+
+def regional_toy(x, sigma, context, y=None, concat=None):
+    """A guided-model stand-in with no spatial coupling: the prompt enters as a constant, the
+    inpaint input per cell — so the whole guider, areas and masks included, is pointwise."""
+    s = sigma.reshape(-1, 1, 1, 1)
+    out = x / (1 + s**2) + context.mean(dim=(1, 2)).reshape(-1, 1, 1, 1)
+    if concat is not None:
+        out = out + 0.5 * concat.mean(dim=1, keepdim=True)
+    return out
+
+
+def test_windows_of_a_regional_guider_place_areas_masks_and_concat_on_the_whole_latent() -> None:
+    from ldm_core import conditioning as C
+    from ldm_core.conditioning import Cond
+    from ldm_core.guidance import CFGGuider
+    from ldm_core.presets import PRESETS
+
+    g = torch.Generator().manual_seed(3)
+    def prompt(v):
+        return Cond(torch.full((1, 77, 8), v))
+    H, W = 40, 56
+    concat = torch.randn(1, 5, H, W, generator=g)
+    mask = (torch.rand(1, 20, 28, generator=g) > 0.5).float()  # resized onto the latent
+    positive = ([prompt(1.0).with_extra(concat=concat)] + C.set_area([prompt(3.0)], 200, 160, 96, 64)
+                + C.set_mask([prompt(-2.0)], mask, 0.7))
+    negative = [prompt(0.0).with_extra(concat=concat)]
+    guider = CFGGuider(regional_toy, PRESETS["sd1"], positive, negative, 4.0, (H * 8, W * 8))
+    x = torch.randn(2, 4, H, W, generator=g)
+    sigma = torch.full((2,), 3.0)
+    whole = guider(x, sigma)
+    for tile, overlap, mode in [(16, 4, "feather"), (24, 8, "uniform"), (13, 5, "feather")]:
+        tiled = TiledDenoiser(lambda win: guider.window((H, W), win.top, win.left), plan_windows(H, W, tile, overlap),
+                              H, W, overlap, mode)
+        err = (tiled(x, sigma) - whole).abs().max().item()
+        assert err < 1e-5, (tile, err)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd1(tmp_path_factory):
+    from ldm_core.loader import load_checkpoint
+    from ldm_core.presets import PRESETS, shrink
+    from ldm_core.synth import save_checkpoint
+
+    path = save_checkpoint(shrink(PRESETS["sd1"]), tmp_path_factory.mktemp("md") / "sd1.safetensors", seed=2)
+    return load_checkpoint(path, device="cpu")
+
+
+def test_tiled_ksample_with_one_window_is_ksample_bit_for_bit_and_small_tiles_run(tiny_sd1) -> None:
+    from ldm_core.pipeline import Tiling, ksample
+
+    ck = tiny_sd1
+    pos, neg = [ck.text_encoder.encode("a red circle")], [ck.text_encoder.encode("")]
+    latent = torch.zeros(1, 4, 12, 20)
+    kw = dict(seed=4, steps=2, cfg=5.0, sampler="dpmpp_2m", scheduler="karras")
+    plain = ksample(ck.model, pos, neg, latent, **kw)
+    one = ksample(ck.model, pos, neg, latent, tiling=Tiling(32, 8), **kw)
+    assert torch.equal(one, plain)
+    tiled = ksample(ck.model, pos, neg, latent, tiling=Tiling(8, 4), **kw)
+    assert tiled.shape == plain.shape and torch.isfinite(tiled).all() and not torch.equal(tiled, plain)
+
+
+def test_sampling_reports_a_preview_of_each_step(tiny_sd1) -> None:
+    from ldm_core.pipeline import ksample
+
+    seen = []
+
+    class Recorder:
+        def start(self, total):
+            seen.append(("start", total))
+
+        def update(self, done, total, preview=None):
+            seen.append((done, preview()))
+
+        def finish(self):
+            seen.append("finish")
+
+    ck = tiny_sd1
+    ksample(ck.model, [ck.text_encoder.encode("x")], [ck.text_encoder.encode("")], torch.zeros(1, 4, 6, 10),
+            seed=1, steps=3, cfg=2.0, progress=Recorder())
+    assert seen[0] == ("start", 3) and seen[-1] == "finish"
+    assert [s[0] for s in seen[1:-1]] == [1, 2, 3]
+    assert all(s[1].shape == (6, 10, 3) and s[1].dtype.name == "uint8" for s in seen[1:-1])

@@ -27,9 +27,10 @@ SMALL = {  # per workflow: overrides that keep the CPU run to seconds
     "img2img.json": ["6.steps=3"],
     "hires_fix.json": ["4.width=64", "4.height=64", "5.steps=2", "7.steps=2"],
     "core_txt2img_ui.json": ["5.width=64", "5.height=64", "3.steps=2"],
+    "inpaint.json": ["7.steps=2"],
 }
 EXPECTED_SIZE = {"txt2img.json": (64, 48), "img2img.json": (72, 48), "hires_fix.json": (128, 128),
-                 "core_txt2img_ui.json": (64, 64)}
+                 "core_txt2img_ui.json": (64, 64), "inpaint.json": (107, 58)}
 
 
 def test_every_shipped_workflow_has_a_small_run():
