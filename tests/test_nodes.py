@@ -28,9 +28,15 @@ SMALL = {  # per workflow: overrides that keep the CPU run to seconds
     "hires_fix.json": ["4.width=64", "4.height=64", "5.steps=2", "7.steps=2"],
     "core_txt2img_ui.json": ["5.width=64", "5.height=64", "3.steps=2"],
     "inpaint.json": ["7.steps=2"],
+    "hires_2048.json": ["4.width=64", "4.height=64", "5.steps=2", "7.steps=2", "7.tile_size=128",
+                        "7.tile_overlap=64", "8.tile_size=96"],
+    "tiled_diffusion.json": ["4.width=192", "4.height=96", "7.steps=2", "7.tile_size=64", "7.tile_overlap=32",
+                             "11.width=64", "11.height=64", "11.x=16", "11.y=16", "13.width=64", "13.height=64",
+                             "13.x=112", "13.y=16", "8.tile_size=64"],
 }
 EXPECTED_SIZE = {"txt2img.json": (64, 48), "img2img.json": (72, 48), "hires_fix.json": (128, 128),
-                 "core_txt2img_ui.json": (64, 64), "inpaint.json": (107, 58)}
+                 "core_txt2img_ui.json": (64, 64), "inpaint.json": (107, 58),
+                 "hires_2048.json": (256, 256), "tiled_diffusion.json": (192, 96)}
 
 
 def test_every_shipped_workflow_has_a_small_run():
@@ -63,7 +69,7 @@ def test_workflow_runs_headless_and_embeds_itself(dirs, name, capsys):
     img = Image.open(summary["images"][0])
     assert img.size == EXPECTED_SIZE[name]
     prompt = json.loads(img.text["prompt"])
-    assert any(n["class_type"] in ("VAEDecode", "LDMVAEDecode") for n in prompt.values())
+    assert any(n["class_type"] in ("VAEDecode", "LDMVAEDecode", "LDMVAEDecodeTiled") for n in prompt.values())
     if name.endswith("_ui.json"):  # the editor's format is embedded too, so dragging the PNG restores the graph
         assert json.loads(img.text["workflow"])["nodes"]
     # the PNG itself re-runs
