@@ -3,6 +3,7 @@ run headless through `ldm-run` on a generated SD1.5-layout checkpoint."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -208,3 +209,11 @@ def test_extra_model_paths_yaml(tmp_path):
     assert ctx.list_models("checkpoints") == ["a.safetensors"]
     assert ctx.list_models("loras") == ["l.safetensors"]
     assert ctx.model_path("checkpoints", "a.safetensors") == a1111 / "models" / "Stable-diffusion" / "a.safetensors"
+
+
+def test_readme_lists_every_core_node_that_runs_headless():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Core nodes that run headless", 1)[1].split("##", 1)[0]
+    listed = set(re.findall(r"`(\w+)`", section)) - {"CORE_NODES"}
+    assert listed == set(CORE_NODES), (sorted(set(CORE_NODES) - listed), sorted(listed - set(CORE_NODES)))
+    assert f"{len(CORE_NODES)} ComfyUI core ids" in section
