@@ -1,0 +1,109 @@
+"""`python -m ldm_core.train` (the `ldm-train` script): train, estimate and export the embedded model.
+
+    ldm-train stage1 --run runs/scenes --steps 4000      # autoencoder  → runs/scenes/stage1
+    ldm-train stage2 --run runs/scenes --steps 12000     # diffusion    → runs/scenes/stage2
+    ldm-train export --run runs/scenes --to models/scenes.safetensors
+    ldm-train estimate                                    # seconds per step of each stage here
+
+Every command resumes where the run folder left off; --steps is the total to reach.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import tempfile
+from pathlib import Path
+
+
+def _stage1(args: argparse.Namespace):
+    from .autoencoder import AutoencoderStage, AutoencoderTrainConfig
+
+    config = AutoencoderTrainConfig(batch_size=args.batch_size or 16, data_seed=args.seed, init_seed=args.seed)
+    return AutoencoderStage(Path(args.run) / "stage1", config)
+
+
+def _stage2(args: argparse.Namespace):
+    from .diffusion import DiffusionStage, DiffusionTrainConfig, load_stage1
+
+    ae, _ = load_stage1(Path(args.run) / "stage1")
+    config = DiffusionTrainConfig(batch_size=args.batch_size or 32, data_seed=args.seed + 1, init_seed=args.seed + 1)
+    return DiffusionStage(Path(args.run) / "stage2", ae, config)
+
+
+def _train(make, args: argparse.Namespace) -> int:
+    stage = make(args)
+    if stage.resume():
+        print(f"resuming {stage.name} at step {stage.step}", file=sys.stderr)
+    stage.run(args.steps, log_every=args.log_every, save_every=args.save_every, sample_every=args.sample_every)
+    if stage.name == "autoencoder":
+        print(json.dumps({"heldout_psnr_db": round(stage.heldout_psnr(), 2)}))
+    return 0
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    """Time a few steps of each stage with the proposed configs (after one warm-up step)."""
+    import torch
+
+    from .autoencoder import SCENES_VAE, AutoencoderStage, AutoencoderTrainConfig, build_autoencoder
+    from .diffusion import DiffusionStage, DiffusionTrainConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        s1 = AutoencoderStage(Path(tmp) / "s1", AutoencoderTrainConfig())
+        s2 = DiffusionStage(Path(tmp) / "s2", build_autoencoder(SCENES_VAE, 0), DiffusionTrainConfig())
+        report = {"threads": torch.get_num_threads()}
+        for stage in (s1, s2):
+            stage.train_step(0)
+            start = time.perf_counter()
+            for i in range(1, args.steps + 1):
+                stage.train_step(i)
+            per = (time.perf_counter() - start) / args.steps
+            params = sum(p.numel() for m in stage.modules.values() for p in m.parameters())
+            report[stage.name] = {"seconds_per_step": round(per, 3), "parameters": params,
+                                  "batch_size": stage.config.batch_size}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .export import export_checkpoint
+
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    path = export_checkpoint(Path(args.run) / "stage1", Path(args.run) / "stage2", args.to, dtype=dtype)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ldm-train", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("stage1", "stage2"):
+        p = sub.add_parser(name, help=f"train {'the autoencoder' if name == 'stage1' else 'the diffusion model'}")
+        p.add_argument("--run", required=True, help="run folder (stage1/ and stage2/ live inside)")
+        p.add_argument("--steps", type=int, required=True, help="total steps to reach (resumes)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--batch-size", type=int, default=None)
+        p.add_argument("--log-every", type=int, default=10)
+        p.add_argument("--save-every", type=int, default=500)
+        p.add_argument("--sample-every", type=int, default=1000)
+    p = sub.add_parser("export", help="write the single-file checkpoint")
+    p.add_argument("--run", required=True)
+    p.add_argument("--to", required=True)
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
+    p = sub.add_parser("estimate", help="time training steps of both stages on this machine")
+    p.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.command == "stage1":
+        return _train(_stage1, args)
+    if args.command == "stage2":
+        return _train(_stage2, args)
+    if args.command == "export":
+        return _export(args)
+    return _estimate(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

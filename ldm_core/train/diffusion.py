@@ -1,0 +1,256 @@
+"""Stage 2, latent diffusion: a cross-attention UNet and a CLIP-architecture text encoder
+trained jointly from scratch on the frozen autoencoder's scaled latents.
+
+Per step (Ho et al. 2020; Rombach et al. 2022, eq. 2):
+    z0 = s·z, z ~ q(z|x) of the frozen first stage, s = latent_scale (1 / std of z,
+         measured once on training scenes before step 0, as Stable Diffusion's 0.18215 was)
+    t ~ U{0, …, T−1}, ε ~ N(0, I), z_t = sqrt(ᾱ_t)·z0 + sqrt(1 − ᾱ_t)·ε
+    y = caption, replaced by "" with probability p_uncond (classifier-free guidance)
+    L = mean ‖ε − ε_θ(z_t, t, τ_θ(y))‖²
+EMA copies of the UNet and text encoder are what is exported and sampled.
+
+τ_θ is the engine's `ClipTextEncoder` (so the weights load unchanged) run through
+`encode_text`, a differentiable copy of its inference forward for the last layer
+after the final LayerNorm; prompts are tokenized exactly as at inference.
+
+Layout hook: a `context_encoder` module may be passed; its tokens for a batch of
+scenes ([B, K, D], e.g. the bounding-box tokens of `ldm_core.layout`) are appended to
+the text tokens along the sequence axis, so the same cross-attention reads both.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig, _Config
+from ..prompt import tokenize_with_weights
+from ..scenes import Scene, SceneConfig
+from ..schedule import make_betas
+from ..text_encoder import ClipTextEncoder
+from ..tokenizer import ClipTokenizer
+from ..unet import UNetModel
+from ..vae import AutoencoderKL
+from .data import heldout_batch, scene_batch, scene_config_from_dict, scene_config_to_dict
+from .ema import EMA
+from .loop import Stage, image_grid
+from .state import read_state, sub_state
+
+SCENES_TEXT = TextEncoderConfig(
+    name="clip_scenes", hidden_size=64, num_layers=2, num_heads=1, intermediate_size=256, vocab_size=49408,
+    max_positions=77, hidden_act="quick_gelu", projection_dim=None, key_format="hf", layer_idx=None,
+    layer_norm_hidden_state=True, pad_token=49407,
+)
+SCENES_UNET = UNetConfig(
+    in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+    transformer_depth=(1, 1, 1), transformer_depth_middle=1, context_dim=64, num_heads=-1, num_head_channels=32,
+    use_linear_in_transformer=True,
+)
+SAMPLE_PROMPTS = (
+    "a red circle in the top left", "a blue square at the bottom", "a yellow triangle in the center",
+    "a green circle on the right", "a red square left of a blue circle", "a yellow circle above a green triangle",
+    "a blue triangle in the top right and a red circle in the bottom left", "a green square below a yellow square",
+)
+
+
+@dataclass(frozen=True)
+class DiffusionTrainConfig(_Config):
+    unet: UNetConfig = field(default_factory=lambda: SCENES_UNET)
+    text: TextEncoderConfig = field(default_factory=lambda: SCENES_TEXT)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    uncond_prob: float = 0.1
+    ema_decay: float = 0.999
+    data_seed: int = 0
+    init_seed: int = 1
+    latent_scale_scenes: int = 256  # training scenes whose latents set the scale
+
+
+def encode_text(encoder: ClipTextEncoder, tokens: torch.Tensor) -> torch.Tensor:
+    """Differentiable τ_θ: tokens [B, L] → normed last hidden state [B, L, D].
+
+    Same arithmetic as `ClipTextEncoder.forward` with layer_idx None (token plus
+    position embedding, causal self-attention layers, final LayerNorm), which is
+    decorated no_grad for inference and so cannot be trained through.
+    """
+    tm = encoder.text_model
+    length = tokens.shape[1]
+    x = tm.embeddings.token_embedding(tokens) + tm.embeddings.position_embedding.weight[:length]
+    causal = torch.full((length, length), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu_(1)
+    for layer in tm.encoder.layers:
+        x = layer(x, causal[None, None])
+    return tm.final_layer_norm(x)
+
+
+class PromptTokens:
+    """Caption → the 77 token ids of its first chunk, as the engine tokenizes prompts (cached)."""
+
+    def __init__(self, config: TextEncoderConfig, tokenizer: ClipTokenizer | None = None) -> None:
+        self.config, self.tokenizer = config, tokenizer or ClipTokenizer()
+        self.cache: dict[str, list[int]] = {}
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        rows = []
+        for c in captions:
+            if c not in self.cache:
+                chunks = tokenize_with_weights(c, self.tokenizer, pad_token=self.config.pad_token,
+                                               max_length=self.config.max_positions, disable_weights=True)
+                if len(chunks) != 1:
+                    raise ValueError(f"caption {c!r} needs {len(chunks)} chunks; training captions must fit one")
+                self.cache[c] = [int(tok) for tok, _ in chunks[0]]
+            rows.append(self.cache[c])
+        return torch.tensor(rows, dtype=torch.long)
+
+
+def build_text_encoder(config: TextEncoderConfig, seed: int) -> ClipTextEncoder:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc = ClipTextEncoder(config)
+    return enc.requires_grad_(True)
+
+
+def build_unet(config: UNetConfig, seed: int) -> UNetModel:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNetModel(config)
+
+
+def load_stage1(folder: str | Path) -> tuple[AutoencoderKL, VAEConfig]:
+    """The trained first stage from a stage-1 run folder, frozen."""
+    tensors, doc = read_state(Path(folder))
+    if doc.get("stage") != "autoencoder":
+        raise ValueError(f"{folder} is a {doc.get('stage')!r} run; stage 2 needs the folder of a stage-1 (autoencoder) run")
+    vae_config = VAEConfig.from_dict(doc["config"]["vae"])
+    ae = AutoencoderKL.from_state_dict(vae_config, sub_state(tensors, "model.ae."), torch.float32)
+    return ae.eval().requires_grad_(False), vae_config
+
+
+class DiffusionStage(Stage):
+    name = "diffusion"
+
+    def __init__(self, folder: str | Path, autoencoder: AutoencoderKL, config: DiffusionTrainConfig = DiffusionTrainConfig(),
+                 scenes: SceneConfig = SceneConfig(), *, context_encoder: nn.Module | None = None,
+                 context_tokens: Callable[[list[Scene]], dict] | None = None) -> None:
+        super().__init__(folder, config.init_seed)
+        if config.unet.context_dim != config.text.hidden_size:
+            raise ValueError(f"DiffusionTrainConfig: unet.context_dim ({config.unet.context_dim}) must equal "
+                             f"text.hidden_size ({config.text.hidden_size})")
+        self.config, self.scenes = config, scenes
+        self.ae = autoencoder.eval().requires_grad_(False)
+        self.unet = build_unet(config.unet, config.init_seed)
+        self.text = build_text_encoder(config.text, config.init_seed + 1)
+        self.modules.update(unet=self.unet, text=self.text)
+        # The layout hook: extra context tokens from the scenes themselves (see module docstring).
+        self.context_encoder, self.context_tokens = context_encoder, context_tokens
+        if context_encoder is not None:
+            self.modules["context"] = context_encoder
+        params = [p for m in self.modules.values() for p in m.parameters()]
+        self.optimizers["main"] = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.emas = {name: EMA(m, config.ema_decay) for name, m in self.modules.items()}
+        self.tokens = PromptTokens(config.text)
+        abar = torch.cumprod(1 - make_betas(config.schedule), dim=0)
+        self.sqrt_abar, self.sqrt_one_minus_abar = abar.sqrt().float(), (1 - abar).sqrt().float()
+        self.latent_scale: float | None = None
+
+    def info(self) -> dict:
+        return {"config": self.config.to_dict(), "scenes": scene_config_to_dict(self.scenes),
+                "latent_scale": self.latent_scale}
+
+    def restore_info(self, doc: dict) -> None:
+        if DiffusionTrainConfig.from_dict(doc["config"]) != self.config or scene_config_from_dict(doc["scenes"]) != self.scenes:
+            raise ValueError(f"{self.folder}: the saved run used another config; resume with the same settings "
+                             "or start in a new folder")
+        self.latent_scale = doc["latent_scale"]
+
+    @torch.no_grad()
+    def measure_latent_scale(self) -> float:
+        """1 / std of first-stage latent means over training scenes (a fixed set: deterministic)."""
+        n = self.config.latent_scale_scenes
+        x = scene_batch(self.config.data_seed, 0, n, self.scenes).images
+        z = torch.cat([self.ae.encode(x[i:i + 32]).mode() for i in range(0, n, 32)])
+        return float(1.0 / z.float().std())
+
+    def model_config(self, vae_config: VAEConfig) -> ModelConfig:
+        if self.latent_scale is None:
+            raise ValueError("the latent scale is measured at the first training step; train at least one step")
+        return ModelConfig(family="scenes", unet=self.config.unet, vae=vae_config, text_encoders=(self.config.text,),
+                           prediction="eps", latent_scale=self.latent_scale, schedule=self.config.schedule)
+
+    def context(self, captions: list[str], scenes: list[Scene] | None, text: ClipTextEncoder,
+                extra: nn.Module | None) -> torch.Tensor:
+        ctx = encode_text(text, self.tokens(captions))
+        if extra is not None and scenes is not None and self.context_tokens is not None:
+            ctx = torch.cat([ctx, extra(**self.context_tokens(scenes))], dim=1)
+        return ctx
+
+    def train_step(self, step: int) -> dict[str, float]:
+        if self.latent_scale is None:
+            self.latent_scale = self.measure_latent_scale()
+        g = self.generator
+        batch = scene_batch(self.config.data_seed, step, self.config.batch_size, self.scenes)
+        with torch.no_grad():
+            z0 = self.ae.encode(batch.images).sample(g) * self.latent_scale
+        b = z0.shape[0]
+        drop = torch.rand(b, generator=g) < self.config.uncond_prob
+        captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
+        t = torch.randint(0, self.config.schedule.timesteps, (b,), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        zt = self.sqrt_abar[t].view(-1, 1, 1, 1) * z0 + self.sqrt_one_minus_abar[t].view(-1, 1, 1, 1) * eps
+        ctx = self.context(captions, batch.scenes, self.text, self.context_encoder)
+        loss = F.mse_loss(self.unet(zt, t, ctx), eps)
+        opt = self.optimizers["main"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for name, ema in self.emas.items():
+            ema.update(self.modules[name], step)
+        return {"loss": loss.item()}
+
+    @torch.no_grad()
+    def validation_loss(self, count: int = 32, seed: int = 0, use_ema: bool = False) -> float:
+        """ε-prediction loss on held-out scenes at `count` evenly spaced t, fixed noise: comparable across steps."""
+        if self.latent_scale is None:
+            self.latent_scale = self.measure_latent_scale()
+        g = torch.Generator().manual_seed(seed)
+        batch = heldout_batch(self.config.data_seed, count, self.scenes)
+        z0 = self.ae.encode(batch.images).mode() * self.latent_scale
+        t = torch.linspace(0, self.config.schedule.timesteps - 1, count).round().long()
+        eps = torch.randn(z0.shape, generator=g)
+        zt = self.sqrt_abar[t].view(-1, 1, 1, 1) * z0 + self.sqrt_one_minus_abar[t].view(-1, 1, 1, 1) * eps
+        unet = self.emas["unet"].module if use_ema else self.unet.eval()
+        text = self.emas["text"].module if use_ema else self.text.eval()
+        ctx = self.context(batch.captions, batch.scenes, text, None)
+        return F.mse_loss(unet(zt, t, ctx), eps).item()
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, cfg: float = 5.0,
+               use_ema: bool = True) -> torch.Tensor:
+        """Images [N, 3, H, W] in [−1, 1] for `prompts`, through the engine's sampler and guidance."""
+        from ..conditioning import Cond
+        from ..model import DiffusionModel
+        from ..pipeline import ksample
+        from ..sampling import SAMPLERS
+
+        unet = self.emas["unet"].module if use_ema else self.unet
+        text = self.emas["text"].module if use_ema else self.text
+        config = self.model_config(self.ae.config)
+        model = DiffusionModel(unet.eval(), config, torch.device("cpu"), torch.float32)
+        sampler = "dpmpp_2m" if "dpmpp_2m" in SAMPLERS else "euler"
+        size = self.scenes.size // self.ae.config.downsample_factor
+        uncond = Cond(context=encode_text(text.eval(), self.tokens([""])))
+        out = []
+        for i, prompt in enumerate(prompts):
+            cond = Cond(context=encode_text(text, self.tokens([prompt])))
+            latent = torch.zeros(1, config.unet.out_channels, size, size)
+            z = ksample(model, [cond], [uncond], latent, seed=seed + i, steps=steps, cfg=cfg, sampler=sampler)
+            out.append(self.ae.decode(z))
+        return torch.cat(out)
+
+    def write_samples(self, path: Path) -> None:
+        image_grid([self.sample(SAMPLE_PROMPTS)]).save(path)
