@@ -78,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         table.render(rows),
     ]
-    report = "\n".join(lines) + "\n"
-    sys.stdout.write(report)
-    if args.out is not None:
-        args.out.write_text(report)
+    table.emit(lines, args.out)
     return 0
 
 

@@ -56,3 +56,14 @@ def render(rows: list[Row]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def emit(lines: list[str], out: "str | None") -> None:
+    """Print the report, and also write it to `out` when given."""
+    import sys
+    from pathlib import Path
+
+    report = "\n".join(lines) + "\n"
+    sys.stdout.write(report)
+    if out is not None:
+        Path(out).write_text(report)

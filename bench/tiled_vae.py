@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .table import Row, render
+from .table import Row, emit, render
 from .timing import progress
 
 SEED = 0
@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.memory:
         lines += memory_sweep(args.cache_dir, workdir)
-    report = "\n".join(lines) + "\n"
-    sys.stdout.write(report)
-    if args.out is not None:
-        args.out.write_text(report)
+    emit(lines, args.out)
     return 0
 
 

@@ -30,15 +30,6 @@ DATA = Path(__file__).parent / "data"
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and far faster on a shared, busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def ref():
     with safe_open(str(DATA / "inpaint_refs.safetensors"), "pt") as f:

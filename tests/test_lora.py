@@ -33,15 +33,6 @@ DATA = Path(__file__).parent / "data"
 SD1 = shrink(PRESETS["sd1"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny layers: one thread is fastest, and immune to the other processes sharing the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

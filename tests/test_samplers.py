@@ -26,15 +26,6 @@ STOCHASTIC = ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp
 DETERMINISTIC = tuple(n for n in SAMPLERS if n not in STOCHASTIC)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and on a shared CPU spinning OpenMP teams cost 50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Toy:
     """D(x, σ) = μ + s²/(s² + σ²)·(x − μ) + k·σ/(1 + σ²)·tanh(x), per channel (as recorded); counts calls."""
 

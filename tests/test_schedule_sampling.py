@@ -18,15 +18,6 @@ from ldm_core.unet import UNetModel
 SD = DiscreteSchedule(ScheduleConfig())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and on a shared CPU spinning OpenMP teams cost 50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_sd_schedule_known_values():
     # Stable Diffusion's scaled-linear schedule: σ_min, σ_max as quoted by k-diffusion and ComfyUI.
     assert float(SD.sigma_min) == pytest.approx(0.0292, abs=1e-4)

@@ -139,15 +139,6 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is ~20x faster than two on a busy machine (no sync stalls)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def clip_l() -> tuple[dict, ClipTextEncoder]:
     sd = random_weights(hf_file_shapes(SMALL_L), seed=1)

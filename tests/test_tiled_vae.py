@@ -26,14 +26,6 @@ SD_NARROW = shrink(PRESETS["sd1"]).vae  # SD layout, width 32
 SD = PRESETS["sd1"].vae  # SD widths (128 … 512)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def vae(config: VAEConfig, seed: int = 1) -> AutoencoderKL:
     return AutoencoderKL.from_state_dict(config, random_state_dict(AutoencoderKL, config, seed))
 

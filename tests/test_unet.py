@@ -26,15 +26,6 @@ PREFIX = "model.diffusion_model."
 TOLERANCE = 1e-4  # max|ours - diffusers| / max|diffusers|
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: thread start-up and contention cost more than they give."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def to_diffusers(ours: UNetModel, cfg: dict) -> dict[str, torch.Tensor]:
     checkpoint = {PREFIX + k: v for k, v in ours.state_dict().items()}
     return convert_ldm_unet_checkpoint(checkpoint, cfg)
