@@ -10,11 +10,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ldm_core.image_io import to_pil
+from ldm_core.lora_keys import random_lora, save_lora
 from ldm_core.presets import PRESETS, shrink
 from ldm_core.synth import save_checkpoint
 from nodes.cli import main as ldm_run
@@ -34,10 +36,16 @@ SMALL = {  # per workflow: overrides that keep the CPU run to seconds
     "tiled_diffusion.json": ["4.width=192", "4.height=96", "7.steps=2", "7.tile_size=64", "7.tile_overlap=32",
                              "11.width=64", "11.height=64", "11.x=16", "11.y=16", "13.width=64", "13.height=64",
                              "13.x=112", "13.y=16", "8.tile_size=64"],
+    "inpaint_mask.json": ["8.steps=2"],
+    "regional_prompt.json": ["10.width=128", "10.height=64", "11.steps=2", "6.width=64", "6.height=64",
+                             "7.width=64", "7.height=64", "7.x=64"],
+    "box_layout.json": ["4.width=64", "4.height=64", "5.steps=2"],
+    "lora.json": ["5.width=64", "5.height=48", "6.steps=2"],
 }
 EXPECTED_SIZE = {"txt2img.json": (64, 48), "img2img.json": (72, 48), "hires_fix.json": (128, 128),
                  "core_txt2img_ui.json": (64, 64), "inpaint.json": (107, 58),
-                 "hires_2048.json": (256, 256), "tiled_diffusion.json": (192, 96)}
+                 "hires_2048.json": (256, 256), "tiled_diffusion.json": (192, 96), "inpaint_mask.json": (72, 48),
+                 "regional_prompt.json": (128, 64), "box_layout.json": (64, 64), "lora.json": (64, 48)}
 
 
 def test_every_shipped_workflow_has_a_small_run():
@@ -48,10 +56,20 @@ def test_every_shipped_workflow_has_a_small_run():
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     (root / "models" / "checkpoints").mkdir(parents=True)
+    (root / "models" / "loras").mkdir()
     (root / "input").mkdir()
-    save_checkpoint(shrink(PRESETS["sd1"]), root / "models" / "checkpoints" / "demo_sd1.safetensors", seed=1)
+    config = shrink(PRESETS["sd1"])
+    save_checkpoint(config, root / "models" / "checkpoints" / "demo_sd1.safetensors", seed=1)
+    save_lora(random_lora(config, style="kohya", rank=4, alpha=4.0, seed=2, scale=0.05),
+              root / "models" / "loras" / "demo_lora.safetensors")
     gen = torch.Generator().manual_seed(0)
-    to_pil(torch.rand(1, 50, 75, 3, generator=gen)).save(root / "input" / "example.png")  # cropped to 48×72
+    picture = torch.rand(1, 50, 75, 3, generator=gen)
+    to_pil(picture).save(root / "input" / "example.png")  # cropped to 48×72
+    # the same picture 48×72 with a transparent hole (LoadImage's MASK = 1 − alpha), as the mask editor saves it
+    alpha = torch.full((48, 72), 255, dtype=torch.uint8)
+    alpha[16:40, 24:56] = 0
+    rgba = torch.cat([(picture[0, :48, :72] * 255).round().to(torch.uint8), alpha[..., None]], dim=-1)
+    Image.fromarray(rgba.numpy(), "RGBA").save(root / "input" / "example_mask.png")
     return root
 
 
@@ -75,6 +93,41 @@ def test_workflow_runs_headless_and_embeds_itself(dirs, name, capsys):
         assert json.loads(img.text["workflow"])["nodes"]
     # the PNG itself re-runs
     assert _run(dirs, Path(summary["images"][0]), out=out + "_again") == 0
+
+
+def _small_png(dirs: Path, name: str, out: str, *extra: str) -> Path:
+    sets = [a for s in [*SMALL[name], *extra] for a in ("--set", s)]
+    assert _run(dirs, WORKFLOWS / name, *sets, out=out) == 0
+    (png,) = (dirs / out).glob("*.png")
+    return png
+
+
+def test_inpaint_mask_workflow_keeps_every_pixel_outside_the_mask(dirs):
+    """inpaint_mask.json: mask from the PNG's alpha (hole rows 16..39, columns 24..55), grown by 4 px;
+    outside it the saved picture is the input's pixels exactly, inside it is repainted."""
+    result = torch.from_numpy(np.array(Image.open(_small_png(dirs, "inpaint_mask.json", "inpaint_keep")))).int()
+    source = torch.from_numpy(np.array(Image.open(dirs / "input" / "example_mask.png").convert("RGB"))).int()
+    outside = torch.ones(48, 72, dtype=torch.bool)
+    outside[12:44, 20:60] = False  # the hole grown by 4 px on each side
+    assert torch.equal(result[outside], source[outside])
+    repainted = (result[16:40, 24:56] - source[16:40, 24:56]).abs().float().mean()
+    print(f"inpaint_mask: mean |Δ| in the hole {float(repainted):.1f} / 255")
+    assert repainted > 5, repainted
+
+
+def test_lora_workflow_changes_the_image_and_strength_zero_equals_no_lora(dirs, tmp_path):
+    with_lora = Image.open(_small_png(dirs, "lora.json", "lora_on")).tobytes()
+    without = Image.open(_small_png(dirs, "lora.json", "lora_off", "2.strength_model=0", "2.strength_clip=0")).tobytes()
+    graph = json.loads((WORKFLOWS / "lora.json").read_text())  # the same graph with the LoRA node bypassed
+    del graph["2"]
+    graph["3"]["inputs"]["clip"] = graph["4"]["inputs"]["clip"] = ["1", 1]
+    graph["6"]["inputs"]["model"] = ["1", 0]
+    plain = tmp_path / "lora.json"
+    plain.write_text(json.dumps(graph))
+    sets = [a for s in SMALL["lora.json"] for a in ("--set", s)]
+    assert _run(dirs, plain, *sets, out="lora_plain") == 0
+    (png,) = (dirs / "lora_plain").glob("*.png")
+    assert with_lora != without and Image.open(png).tobytes() == without
 
 
 def test_same_graph_and_seed_give_identical_png_bytes(dirs):
