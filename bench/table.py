@@ -50,7 +50,7 @@ def render(rows: list[Row]) -> str:
     for r in rows:
         cells = [
             r.case, seconds(r.ours), seconds(r.reference),
-            "—" if r.ratio is None else f"{r.ratio:.2f}",
+            "—" if r.ratio is None else (f"{r.ratio:.2f}" if r.ratio >= 0.01 else f"{r.ratio:.1e}"),
             "—" if r.target is None else f"≤ {r.target:g}",
             r.verdict, r.notes,
         ]
