@@ -244,15 +244,15 @@ class VAE:
 
         Runs tiled (exact) instead when the plain pass would not fit or runs out of memory.
         """
-        z = latent.to(self.device, self.dtype)
         f = self.factor
-        if self._fits(f * z.shape[-2], f * z.shape[-1], "decode"):
+        if self._fits(f * latent.shape[-2], f * latent.shape[-1], "decode"):
             try:
                 return self._pixels_out(self._finite(latent, self.model.decode))
             except RuntimeError as e:
                 if not _out_of_memory(e):
                     raise
-                log.warning("VAE decode of %s ran out of memory; retrying tiled (exact, same result)", list(z.shape))
+                log.warning("VAE decode of %s ran out of memory; retrying tiled (exact, same result)",
+                            list(latent.shape))
         return self._pixels_out(self._finite(latent, lambda t: decode_tiled(self.model, t, TileOptions())))
 
     @torch.inference_mode()

@@ -114,8 +114,11 @@ class TiledDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) != (self.height, self.width):
             raise ValueError(f"latent is {tuple(x.shape[-2:])}, the windows were planned for {(self.height, self.width)}")
+        if self.total.device != x.device:  # move the blend weights once, not every step
+            self.weights = [w.to(x.device) for w in self.weights]
+            self.total = self.total.to(x.device)
         acc = torch.zeros_like(x, dtype=torch.float32)
         for win, weight in zip(self.windows, self.weights):
             d = self._denoiser(win)(win.crop(x).contiguous(), sigma).float()
-            win.crop(acc).add_(d * weight.to(d.device))
-        return (acc / self.total.to(acc.device)).to(x.dtype)
+            win.crop(acc).add_(d * weight)
+        return (acc / self.total).to(x.dtype)

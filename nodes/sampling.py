@@ -12,7 +12,6 @@ sampling = engine("sampling")
 samplers = engine("samplers")
 schedule = engine("schedule")
 latents = engine("latent")
-custom = engine("custom_sampling")
 
 # ComfyUI core ids of the custom-sampling nodes → ours (ComfyUI names its inputs the same way).
 CORE_NODES = {
@@ -101,9 +100,9 @@ def sampler_custom(ctx: NodeContext, model, add_noise: bool, noise_seed: int, cf
     samples = latents.check(latent_image, "latent_image")
     if not isinstance(sampler, samplers.SamplerChoice):
         raise ValueError(f"sampler: expected a SAMPLER from KSamplerSelect, got {type(sampler).__name__}")
-    output, denoised = custom.sample_custom(
-        model, positive, negative, samples, sampler=sampler, sigmas=sigmas, cfg=cfg, seed=noise_seed,
-        add_noise=add_noise, batch_index=latent_image.get("batch_index"), noise_mask=latent_image.get("noise_mask"),
+    output, denoised = pipeline.sample(
+        model, positive, negative, samples, sampler=sampler, sampler_name=sampler.name, sigmas=sigmas, cfg=cfg,
+        seed=noise_seed, add_noise=add_noise, batch_index=latent_image.get("batch_index"), noise_mask=latent_image.get("noise_mask"),
         progress=progress or pipeline.null_progress)
     return latents.with_samples(latent_image, output), latents.with_samples(latent_image, denoised)
 
