@@ -32,6 +32,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 # Where each component lives inside a single-file checkpoint (original LDM / SGM layouts).
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+LAYOUT_PREFIX = "layout_stage_model."  # box-layout encoder of a text+layout model (ModelConfig.layout)
 TEXT_ENCODER_PREFIXES = (
     "cond_stage_model.transformer.",  # SD1.x: transformers CLIPTextModel keys
     "cond_stage_model.model.",  # SD2.x: OpenCLIP keys
@@ -185,6 +186,7 @@ class Components:
     unet: dict[str, torch.Tensor] = field(default_factory=dict)
     vae: dict[str, torch.Tensor] = field(default_factory=dict)
     text_encoders: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # by prefix
+    layout: dict[str, torch.Tensor] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
 
@@ -197,6 +199,8 @@ def split_components(tensors: dict[str, torch.Tensor]) -> Components:
             out.unet[key[len(UNET_PREFIX):]] = t
         elif key.startswith(VAE_PREFIX) and not key.startswith(_IGNORED_PREFIXES):
             out.vae[key[len(VAE_PREFIX):]] = t
+        elif key.startswith(LAYOUT_PREFIX):
+            out.layout[key[len(LAYOUT_PREFIX):]] = t
         elif key.startswith(VAE_TOP_LEVEL):
             out.vae[key] = t
         elif key in _IGNORED_KEYS or key.startswith(_IGNORED_PREFIXES):

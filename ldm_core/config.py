@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -198,6 +199,52 @@ class ScheduleConfig(_Config):
 
 
 @dataclass(frozen=True)
+class LayoutEncoderConfig(_Config):
+    """τθ for box layouts (`layout.LayoutEncoder`): a pre-norm transformer encoder over
+    3·max_objects tokens. Defaults are the LDM layout2img models (vocab 8192, 30 objects,
+    512 wide, 16 layers, 92 positions). `classes`: the model's class names by id, when
+    the checkpoint carries its vocabulary (the embedded model does)."""
+
+    vocab_size: int = 8192
+    num_classes: int = 601
+    max_objects: int = 30
+    max_seq_len: int = 92
+    dim: int = 512
+    depth: int = 16
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_classes > self.vocab_size - 1:
+            raise ConfigError(f"LayoutEncoderConfig: num_classes {self.num_classes} must be below vocab_size − 1 = "
+                              f"{self.vocab_size - 1}")
+        if 3 * self.max_objects > self.max_seq_len:
+            raise ConfigError(f"LayoutEncoderConfig: max_seq_len {self.max_seq_len} is shorter than 3 × max_objects "
+                              f"= {3 * self.max_objects}")
+        if self.grid < 2 or self.grid**2 > self.pad_token:
+            raise ConfigError(f"LayoutEncoderConfig: vocab_size {self.vocab_size}: the {self.grid}² grid tokens must "
+                              f"stay below the pad token {self.pad_token}; use a vocab_size of at least 5 that is not "
+                              "a perfect square")
+        if self.classes and len(self.classes) != self.num_classes:
+            raise ConfigError(f"LayoutEncoderConfig: {len(self.classes)} class names for num_classes "
+                              f"{self.num_classes}")
+
+    @property
+    def grid(self) -> int:
+        return math.isqrt(self.vocab_size)
+
+    @property
+    def pad_token(self) -> int:
+        return self.vocab_size - 1
+
+    @property
+    def seq_len(self) -> int:
+        return 3 * self.max_objects
+
+
+@dataclass(frozen=True)
 class ModelConfig(_Config):
     """Everything a single-file checkpoint holds: which family, and each part's config."""
 
@@ -210,3 +257,6 @@ class ModelConfig(_Config):
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # SDXL: the label embedding is [pooled text, fourier(size/crop/target or aesthetic score)]
     adm: Literal["none", "sdxl", "sdxl_refiner"] = "none"
+    # Layout-to-image: a box-layout encoder whose tokens the UNet's cross-attention also reads
+    # (weights under `layout_stage_model.`); None for text-only models.
+    layout: LayoutEncoderConfig | None = None

@@ -27,12 +27,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .conditioning import Area, Cond, ConditioningError
+from .config import LayoutEncoderConfig
 
 PIXELS_PER_LATENT = 8
 PREFIX = "cond_stage_model."  # where the layout encoder's weights live in an LDM checkpoint
@@ -146,54 +147,6 @@ def regional_conditioning(encode: Callable[[str], Cond], objects: Sequence[Layou
 
 
 # ---- box-layout tokens ----
-
-@dataclass(frozen=True)
-class LayoutEncoderConfig:
-    """τθ for layouts: a pre-norm transformer encoder over 3·max_objects tokens (the LDM
-    layout2img models: vocab 8192, 30 objects, 512 wide, 16 layers, 92 positions)."""
-
-    vocab_size: int = 8192
-    num_classes: int = 601
-    max_objects: int = 30
-    max_seq_len: int = 92
-    dim: int = 512
-    depth: int = 16
-    heads: int = 8
-    dim_head: int = 64
-    ff_mult: int = 4
-
-    def __post_init__(self) -> None:
-        if self.num_classes > self.vocab_size - 1:
-            raise LayoutError(f"num_classes {self.num_classes} must be below vocab_size − 1 = {self.vocab_size - 1}")
-        if 3 * self.max_objects > self.max_seq_len:
-            raise LayoutError(f"max_seq_len {self.max_seq_len} is shorter than 3 × max_objects = "
-                              f"{3 * self.max_objects}")
-        if self.grid < 2 or self.grid**2 > self.pad_token:
-            raise LayoutError(f"vocab_size {self.vocab_size}: the {self.grid}² grid tokens must stay below the pad "
-                              f"token {self.pad_token}; use a vocab_size of at least 5 that is not a perfect square")
-
-    @property
-    def grid(self) -> int:
-        return math.isqrt(self.vocab_size)
-
-    @property
-    def pad_token(self) -> int:
-        return self.vocab_size - 1
-
-    @property
-    def seq_len(self) -> int:
-        return 3 * self.max_objects
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "LayoutEncoderConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise LayoutError(f"LayoutEncoderConfig: unknown keys {sorted(unknown)}")
-        return cls(**d)
-
 
 def corner_token(config: LayoutEncoderConfig, x: float, y: float) -> int:
     """Grid token of a point in [0, 1]²: round(y·(g − 1))·g + round(x·(g − 1))."""

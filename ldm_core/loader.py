@@ -78,7 +78,26 @@ def load_checkpoint(
         vae = VAE(_place(v, dev), config.vae, dev, prec.vae)
     model.preview = LatentPreviewer.channels(model.latent_channels) if vae is None else VAEPreview(
         vae, config.latent_scale)
-    return Checkpoint(config, model, text, vae, Path(path))
+    layout_encoder = None
+    if config.layout is not None and comps.layout:
+        from .layout import load_layout_encoder as build
+
+        layout_encoder = _place(build(comps.layout, config.layout, prefix=""), dev)
+    return Checkpoint(config, model, text, vae, Path(path), layout_encoder)
+
+
+def load_layout_encoder(path: str | os.PathLike, *, device: str | torch.device | None = None):
+    """The box-layout encoder (fp32) of a checkpoint whose config has a `layout` part."""
+    from .layout import load_layout_encoder as build
+
+    wf = read_weights(path)
+    config = detect_config(wf.tensors, wf.metadata)
+    comps = split_components(wf.tensors)
+    if config.layout is None or not comps.layout:
+        raise WrongComponentError(f"{Path(path).name} has no box-layout encoder (no `layout` in its config or no "
+                                  f"{ckpt.LAYOUT_PREFIX}* weights); use a layout-to-image checkpoint such as "
+                                  "the embedded ldm-scenes.safetensors")
+    return _place(build(comps.layout, config.layout, prefix=""), pick_device(device))
 
 
 def load_vae(path: str | os.PathLike, *, device: str | torch.device | None = None,

@@ -291,3 +291,4 @@ class Checkpoint:
     text_encoder: TextEncoder | None
     vae: VAE | None
     path: Path | None = None
+    layout_encoder: Any = None  # layout.LayoutEncoder of a text+layout model (ModelConfig.layout), fp32

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from ._engine import engine
 from .context import NodeContext
+from .loaders import LAYOUT_ENCODER
 from .spec_helpers import combo, integer, node, number, out, socket, text
 from .types import MASK, MAX_RESOLUTION, Sockets
-
-LAYOUT_ENCODER = "LDM_LAYOUT_ENCODER"  # τθ of a box-layout LDM (layout.LayoutEncoder)
 
 cond = engine("conditioning")
 layout = engine("layout")
@@ -89,6 +88,8 @@ def layout_encode(ctx: NodeContext, layout_encoder, layout_text: str, classes: s
     if layout_encoder is None:
         raise ValueError("layout_encoder input is empty: load a box-layout model (layout2img) checkpoint")
     names = [n.strip() for n in classes.replace(",", "\n").splitlines()]
+    if not any(names):  # empty: the vocabulary the model carries (the embedded model's "red circle", ...)
+        names = list(layout_encoder.config.classes)
     return ([layout.encode_layout_text(layout_encoder, layout_text, names, width, height)],)
 
 
@@ -156,7 +157,8 @@ def specs(s: Sockets, core: bool = False) -> list:
               text("layout_text", "person | 0.1 0.2 0.45 0.95\ndog | 0.5 0.6 0.9 0.95",
                    "One object a line: `class | x0 y0 x1 y1` (class name from `classes`, or a class id).",
                    multiline=True),
-              text("classes", "", "The model's class names, one a line (or comma-separated), in id order.",
+              text("classes", "", "The model's class names, one a line (or comma-separated), in id order; "
+                   "empty: the names the checkpoint carries.",
                    multiline=True),
               integer("width", 256, 8, MAX_RESOLUTION, "Image width, for boxes given in pixels.", step=8),
               integer("height", 256, 8, MAX_RESOLUTION, "Image height, for boxes given in pixels.", step=8)],

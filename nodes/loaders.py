@@ -6,6 +6,8 @@ from .context import NodeContext
 from .types import Sockets
 from .spec_helpers import combo, node, out
 
+LAYOUT_ENCODER = "LDM_LAYOUT_ENCODER"  # τθ of a box-layout LDM (layout.LayoutEncoder)
+
 loader = engine("loader")
 
 PREDICTIONS = ("auto", "eps", "v")
@@ -41,6 +43,11 @@ def load_clip(ctx: NodeContext, clip_name: str, clip_name2: str = "none"):
     return (te.with_embedding_dirs(ctx.model_dirs.get("embeddings", [])),)
 
 
+def load_layout_encoder(ctx: NodeContext, ckpt_name: str):
+    encoder = loader.load_layout_encoder(ctx.model_path("checkpoints", ckpt_name), device=ctx.device)
+    return (encoder,)
+
+
 def specs(s: Sockets, core: bool = False) -> list:
     ckpt = [combo("ckpt_name", _models("checkpoints"), "The checkpoint file (models/checkpoints).")]
     if not core:
@@ -65,4 +72,9 @@ def specs(s: Sockets, core: bool = False) -> list:
               combo("clip_name2", lambda ctx: ["none"] + _models("text_encoders")(ctx),
                     "SDXL: the second encoder (bigG) beside CLIP-L.", optional=True)],
              [out(s.clip, "CLIP")], "Loads standalone CLIP-L, OpenCLIP ViT-H or bigG text encoders (two for SDXL)."),
+        node("LDMLayoutEncoderLoader", "Load Box-Layout Encoder (LDM)", "loaders", load_layout_encoder,
+             [combo("ckpt_name", _models("checkpoints"), "A checkpoint with a box-layout encoder (the embedded "
+                    "ldm-scenes model, or a layout2img LDM).")],
+             [out(LAYOUT_ENCODER, "LAYOUT_ENCODER", "τθ for boxes: feed Box Layout Encode (LDM).")],
+             "Loads the box-layout encoder of a layout-to-image checkpoint."),
     ]

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from ldm_core.conditioning import Area, Cond
 from ldm_core.config import ScheduleConfig
+from ldm_core.errors import ConfigError
 from ldm_core.guidance import CFGGuider
 from ldm_core.layout import (Box, LayoutEncoderConfig, LayoutError, corner_token, layout_state_dict,
                              load_layout_encoder, parse_layout, random_layout_encoder, regional_conditioning,
@@ -151,7 +152,7 @@ def test_state_dict_round_trip_and_strict_keys():
     with pytest.raises(LayoutError, match="token_emb.weight: shape"):
         load_layout_encoder(bad, SMALL)
     assert LayoutEncoderConfig.from_dict(SMALL.to_dict()) == SMALL
-    with pytest.raises(LayoutError, match="unknown keys"):
+    with pytest.raises(ConfigError, match="unknown keys"):
         LayoutEncoderConfig.from_dict({**SMALL.to_dict(), "width": 3})
 
 
