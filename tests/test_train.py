@@ -11,7 +11,8 @@ from ldm_core.loader import load_checkpoint
 from ldm_core.scenes import SceneConfig
 from ldm_core.schedule import DiscreteSchedule
 from ldm_core.train.autoencoder import AutoencoderStage, AutoencoderTrainConfig, build_autoencoder, kl_divergence
-from ldm_core.train.diffusion import DiffusionStage, DiffusionTrainConfig, PromptTokens, encode_text, load_stage1
+from ldm_core.train.diffusion import (SCENES_LAYOUT, DiffusionStage, DiffusionTrainConfig, PromptTokens, encode_text,
+                                      layout_tokens, load_stage1)
 from ldm_core.train.ema import EMA, ema_decay
 from ldm_core.train.export import export_checkpoint
 from ldm_core.train.state import STATE_TENSORS
@@ -23,8 +24,9 @@ TINY_UNET = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                        transformer_depth_middle=0, context_dim=32, num_heads=-1, num_head_channels=16,
                        use_linear_in_transformer=True, norm_groups=8)
 AE_CONFIG = AutoencoderTrainConfig(vae=TINY_VAE, batch_size=4, lr=1e-3)
-DIFF_CONFIG = DiffusionTrainConfig(unet=TINY_UNET, text=TINY_TEXT, batch_size=4, lr=1e-3, ema_decay=0.9,
-                                   latent_scale_scenes=32)
+TINY_LAYOUT = SCENES_LAYOUT.replace(dim=32, depth=1, heads=1, dim_head=16)
+DIFF_CONFIG = DiffusionTrainConfig(unet=TINY_UNET, text=TINY_TEXT, layout=TINY_LAYOUT, batch_size=4, lr=1e-3, lr_warmup=2,
+                                   ema_decay=0.9, latent_scale_scenes=32)
 
 
 def same_state(a, b) -> bool:
@@ -159,6 +161,15 @@ def test_export_loads_through_the_engine(stage1_run, stage2_run, tmp_path):
     with torch.no_grad():
         ours = encode_text(stage.emas["text"].module, PromptTokens(TINY_TEXT)([prompt]))
     assert cond.shape == ours.shape and (cond - ours).abs().max().item() <= 1e-5
+    # The box-layout encoder travels in the file and encodes a scene's layout as in training.
+    from ldm_core.train.data import heldout_batch
+
+    scene = heldout_batch(0, 1, SCENES).scenes[0]
+    tokens = layout_tokens(TINY_LAYOUT, [scene])
+    with torch.no_grad():
+        trained = stage.emas["layout"].module(tokens)
+    assert ckpt.layout_encoder is not None and ckpt.config.layout.classes[0] == "red circle"
+    assert torch.equal(ckpt.layout_encoder(tokens), trained)
     meta = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["ldm_core.train_steps"])
     assert meta == {"autoencoder": 16, "diffusion": 24}
     half = export_checkpoint(stage1_run[0], folder2, tmp_path / "half.safetensors")
@@ -176,3 +187,17 @@ def test_samples_through_the_engine_sampler(stage2_run, tmp_path):
 
     image_grid([images, images]).save(tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 100
+
+
+def test_refine_trains_the_decoder_only(stage1_run, tmp_path):
+    """`ldm-train refine`: the decoder learns on, the encoder (so stage 2's latent space) stays bit-identical."""
+    from ldm_core.train.autoencoder import REFINE
+
+    ae, _ = load_stage1(stage1_run[0])
+    config = AE_CONFIG.replace(**{**REFINE, "lr": 1e-3, "lr_steps": 8})
+    stage = AutoencoderStage(tmp_path / "refine", config, SCENES, init=ae)
+    stage.run(8, progress=False)
+    enc = {k: v for k, v in ae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    new = stage.ae.state_dict()
+    assert all(torch.equal(v, new[k]) for k, v in enc.items())
+    assert not torch.equal(ae.decoder.conv_out.weight, stage.ae.decoder.conv_out.weight)

@@ -2,7 +2,9 @@
 
     ldm-train stage1 --run runs/scenes --steps 4000      # autoencoder  → runs/scenes/stage1
     ldm-train stage2 --run runs/scenes --steps 12000     # diffusion    → runs/scenes/stage2
+    ldm-train refine --run runs/scenes --steps 1500      # decoder only, frozen encoder → runs/scenes/stage1_refine
     ldm-train export --run runs/scenes --to models/scenes.safetensors
+    ldm-train all --run runs/scenes                       # all of the above with the shipped step counts
     ldm-train estimate                                    # seconds per step of each stage here
 
 Every command resumes where the run folder left off; --steps is the total to reach.
@@ -20,8 +22,20 @@ from pathlib import Path
 def _stage1(args: argparse.Namespace):
     from .autoencoder import AutoencoderStage, AutoencoderTrainConfig
 
-    config = AutoencoderTrainConfig(batch_size=args.batch_size or 16, data_seed=args.seed, init_seed=args.seed)
+    config = AutoencoderTrainConfig(data_seed=args.seed, init_seed=args.seed).replace(
+        **({'batch_size': args.batch_size} if args.batch_size else {}))
     return AutoencoderStage(Path(args.run) / "stage1", config)
+
+
+def _refine(args: argparse.Namespace):
+    from .autoencoder import REFINE, AutoencoderStage, AutoencoderTrainConfig
+    from .diffusion import load_stage1
+
+    ae, vae_config = load_stage1(Path(args.run) / "stage1")
+    config = AutoencoderTrainConfig(vae=vae_config, data_seed=args.seed + 2, init_seed=args.seed + 2, **REFINE)
+    if args.batch_size:
+        config = config.replace(batch_size=args.batch_size)
+    return AutoencoderStage(Path(args.run) / "stage1_refine", config, init=ae)
 
 
 def _stage2(args: argparse.Namespace):
@@ -40,6 +54,21 @@ def _train(make, args: argparse.Namespace) -> int:
     if stage.name == "autoencoder":
         print(json.dumps({"heldout_psnr_db": round(stage.heldout_psnr(), 2)}))
     return 0
+
+
+# The step counts of the shipped ldm_core/data/ldm-scenes.safetensors (`ldm-train all`).
+SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "refine": 1500}
+
+
+def _all(args: argparse.Namespace) -> int:
+    """Every stage to the shipped step count, then the export (each stage resumes if interrupted)."""
+    from .. import embedded
+
+    for name, make in (("stage1", _stage1), ("stage2", _stage2), ("refine", _refine)):
+        args.steps = SHIPPED_STEPS[name]
+        _train(make, args)
+    args.to = args.to or str(embedded.EMBEDDED_PATH)
+    return _export(args)
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -72,7 +101,10 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    path = export_checkpoint(Path(args.run) / "stage1", Path(args.run) / "stage2", args.to, dtype=dtype)
+    run = Path(args.run)
+    stage1 = run / "stage1_refine" if (run / "stage1_refine" / "state.json").is_file() else run / "stage1"
+    print(f"autoencoder from {stage1}", file=sys.stderr)
+    path = export_checkpoint(stage1, run / "stage2", args.to, dtype=dtype)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -80,8 +112,10 @@ def _export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ldm-train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("stage1", "stage2"):
-        p = sub.add_parser(name, help=f"train {'the autoencoder' if name == 'stage1' else 'the diffusion model'}")
+    helps = {"stage1": "train the autoencoder", "stage2": "train the diffusion model",
+             "refine": "train the autoencoder's decoder further on its frozen encoder"}
+    for name in ("stage1", "stage2", "refine"):
+        p = sub.add_parser(name, help=helps[name])
         p.add_argument("--run", required=True, help="run folder (stage1/ and stage2/ live inside)")
         p.add_argument("--steps", type=int, required=True, help="total steps to reach (resumes)")
         p.add_argument("--seed", type=int, default=0)
@@ -89,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--log-every", type=int, default=10)
         p.add_argument("--save-every", type=int, default=500)
         p.add_argument("--sample-every", type=int, default=1000)
+    p = sub.add_parser("all", help="train both stages and refine to the shipped step counts, then export")
+    p.add_argument("--run", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--sample-every", type=int, default=500)
+    p.add_argument("--to", default=None, help="default: the package's embedded model file")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     p = sub.add_parser("export", help="write the single-file checkpoint")
     p.add_argument("--run", required=True)
     p.add_argument("--to", required=True)
@@ -100,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         return _train(_stage1, args)
     if args.command == "stage2":
         return _train(_stage2, args)
+    if args.command == "refine":
+        return _train(_refine, args)
     if args.command == "export":
         return _export(args)
+    if args.command == "all":
+        return _all(args)
     return _estimate(args)
 
 

@@ -28,19 +28,27 @@ from ..vae import AutoencoderKL
 from .data import heldout_batch, scene_batch, scene_config_from_dict, scene_config_to_dict
 from .loop import Stage, image_grid
 
-# The proposed first stage: f = 4 (64×64 scenes → 16×16×4 latents), narrow.
-SCENES_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4)
+# The first stage: f = 4 (64×64 scenes → 16×16×4 latents), narrow. Four channels per
+# GroupNorm group: with 32 groups of one channel each (SD's 32 groups on a 32-wide first
+# level) every channel's image mean is normalised away and flat colours train far slower
+# (measured: 15 dB vs 19 dB held-out PSNR after ~110 steps).
+SCENES_VAE = VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4, norm_groups=8)
 
 
 @dataclass(frozen=True)
 class AutoencoderTrainConfig(_Config):
     vae: VAEConfig = field(default_factory=lambda: SCENES_VAE)
-    batch_size: int = 16
-    lr: float = 4.5e-4
-    betas: tuple[float, ...] = (0.5, 0.9)
-    ssim_weight: float = 0.5
+    batch_size: int = 8
+    lr: float = 1e-3
+    betas: tuple[float, ...] = (0.9, 0.99)
+    lr_steps: int = 2500  # cosine decay of the learning rate from lr to lr_final over this many steps
+    lr_final: float = 5e-5
+    logvar_init: float = -6.0  # initial log σ² of q(z|x): start nearly deterministic (the KL weight is tiny)
+    mse_weight: float = 0.0  # an L2 term on top of L1: large (colour) errors get gradients in proportion
+    ssim_weight: float = 0.25
     ssim_window: int = 7
     kl_weight: float = 1e-6
+    decoder_only: bool = False  # refine: train the decoder on a frozen encoder (the latent space stays put)
     disc_weight: float = 0.0  # 0: no adversarial term (and no discriminator)
     disc_start: int = 0
     disc_channels: int = 32
@@ -76,24 +84,49 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int) -> torch.Tensor:
     return kornia.metrics.ssim((x + 1) / 2, (y + 1) / 2, window, max_val=1.0).mean()
 
 
-def build_autoencoder(config: VAEConfig, seed: int) -> AutoencoderKL:
-    """A freshly initialised AutoencoderKL; the seed alone decides its weights."""
+def build_autoencoder(config: VAEConfig, seed: int, logvar_init: float | None = None) -> AutoencoderKL:
+    """A freshly initialised AutoencoderKL; the seed alone decides its weights. `logvar_init`
+    sets the bias of the posterior's log-variance channels (None: PyTorch's default init)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(config)
+        ae = AutoencoderKL(config)
+    if logvar_init is not None:
+        with torch.no_grad():
+            ae.quant_conv.bias[config.embed_dim:] = logvar_init
+    return ae
+
+
+def cosine_lr(step: int, lr: float, lr_final: float, steps: int) -> float:
+    """lr at `step`: half a cosine from `lr` (step 0) to `lr_final` (step ≥ `steps`)."""
+    import math
+
+    t = min(max(step, 0), steps) / max(steps, 1)
+    return lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * t))
+
+
+# Refining the decoder on the frozen stage-1 encoder (`ldm-train refine`): stage 2 trains on
+# the encoder's latents, so the decoder may go on learning while (or after) stage 2 runs.
+REFINE = dict(decoder_only=True, lr=5e-4, lr_steps=1500, lr_final=2e-5, mse_weight=5.0)
 
 
 class AutoencoderStage(Stage):
     name = "autoencoder"
 
     def __init__(self, folder: str | Path, config: AutoencoderTrainConfig = AutoencoderTrainConfig(),
-                 scenes: SceneConfig = SceneConfig()) -> None:
+                 scenes: SceneConfig = SceneConfig(), init: AutoencoderKL | None = None) -> None:
+        """`init`: start from these weights (a refine run starts from its stage-1 autoencoder)."""
         super().__init__(folder, config.init_seed)
         self.config, self.scenes = config, scenes
-        self.ae = build_autoencoder(config.vae, config.init_seed)
+        self.ae = build_autoencoder(config.vae, config.init_seed, config.logvar_init)
+        if init is not None:
+            self.ae.load_state_dict(init.state_dict())
         self.modules["ae"] = self.ae
-        self.optimizers["ae"] = torch.optim.AdamW(self.ae.parameters(), lr=config.lr, betas=tuple(config.betas),
-                                                  weight_decay=0.0)
+        params = self.ae.parameters()
+        if config.decoder_only:
+            self.ae.encoder.requires_grad_(False)
+            self.ae.quant_conv.requires_grad_(False)
+            params = [*self.ae.post_quant_conv.parameters(), *self.ae.decoder.parameters()]
+        self.optimizers["ae"] = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=0.0)
         self.disc = None
         if config.disc_weight > 0:
             with torch.random.fork_rng(devices=[]):
@@ -113,13 +146,15 @@ class AutoencoderStage(Stage):
                              "or start in a new folder")
 
     def losses(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
-        posterior = self.ae.encode(x)
+        with torch.set_grad_enabled(not self.config.decoder_only):
+            posterior = self.ae.encode(x)
         rec = self.ae.decode(posterior.sample(self.generator))
         l1 = (x - rec).abs().mean()
+        mse = (x - rec).square().mean()
         s = ssim(x, rec, self.config.ssim_window)
         kl = kl_divergence(posterior.mean, posterior.logvar).mean() / x[0].numel()
-        loss = l1 + self.config.ssim_weight * (1 - s) + self.config.kl_weight * kl
-        parts = {"l1": l1.item(), "ssim": s.item(), "kl": kl.item()}
+        loss = l1 + self.config.mse_weight * mse + self.config.ssim_weight * (1 - s) + self.config.kl_weight * kl
+        parts = {"l1": l1.item(), "mse": mse.item(), "ssim": s.item(), "kl": kl.item()}
         if self.disc is not None and step >= self.config.disc_start:
             self.disc.requires_grad_(False)
             adv = -self.disc(rec).mean()
@@ -132,6 +167,8 @@ class AutoencoderStage(Stage):
         x = scene_batch(self.config.data_seed, step, self.config.batch_size, self.scenes).images
         loss, parts, rec = self.losses(x, step)
         opt = self.optimizers["ae"]
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, self.config.lr, self.config.lr_final, self.config.lr_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

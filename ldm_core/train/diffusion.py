@@ -13,28 +13,34 @@ EMA copies of the UNet and text encoder are what is exported and sampled.
 `encode_text`, a differentiable copy of its inference forward for the last layer
 after the final LayerNorm; prompts are tokenized exactly as at inference.
 
-Layout hook: a `context_encoder` module may be passed; its tokens for a batch of
-scenes ([B, K, D], e.g. the bounding-box tokens of `ldm_core.layout`) are appended to
-the text tokens along the sequence axis, so the same cross-attention reads both.
+Layout-to-image (the paper's bounding-box tokens, §4.3): with `config.layout` set, a
+box-layout encoder (`ldm_core.layout.LayoutEncoder`: class token and two quantised
+corners per object) is trained jointly, and the last `layout_fraction` of every batch
+is conditioned on [τθ(text) ; τθ(layout)], the two token sequences concatenated along
+the sequence axis so the same cross-attention reads both; its caption is kept with
+probability `layout_caption_prob`, else "". The rest of the batch sees text alone (77
+tokens, with classifier-free dropout), so text-only inference is exactly what was
+trained, and layout inference is ConditioningConcat(text, layout) against the "" prompt.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig, _Config
+from ..config import LayoutEncoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig, _Config
 from ..prompt import tokenize_with_weights
-from ..scenes import Scene, SceneConfig
+from ..layout import LayoutEncoder, tokenize_layout
+from ..scenes import COLOUR_NAMES, SHAPES, Scene, SceneConfig, class_id
 from ..schedule import make_betas
 from ..text_encoder import ClipTextEncoder
 from ..tokenizer import ClipTokenizer
 from ..unet import UNetModel
 from ..vae import AutoencoderKL
+from .autoencoder import cosine_lr
 from .data import heldout_batch, scene_batch, scene_config_from_dict, scene_config_to_dict
 from .ema import EMA
 from .loop import Stage, image_grid
@@ -50,6 +56,12 @@ SCENES_UNET = UNetConfig(
     transformer_depth=(1, 1, 1), transformer_depth_middle=1, context_dim=64, num_heads=-1, num_head_channels=32,
     use_linear_in_transformer=True,
 )
+# Layout classes by id: class_id(colour, shape) − 1 (scenes.py numbers them from 1; 0 is background there).
+LAYOUT_CLASSES = tuple(f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES)
+SCENES_LAYOUT = LayoutEncoderConfig(
+    vocab_size=258, num_classes=len(LAYOUT_CLASSES), max_objects=3, max_seq_len=9, dim=64, depth=2, heads=2,
+    dim_head=32, ff_mult=4, classes=LAYOUT_CLASSES,
+)  # a 16 × 16 corner grid (4-pixel cells on 64² scenes); token 257 pads
 SAMPLE_PROMPTS = (
     "a red circle in the top left", "a blue square at the bottom", "a yellow triangle in the center",
     "a green circle on the right", "a red square left of a blue circle", "a yellow circle above a green triangle",
@@ -63,10 +75,16 @@ class DiffusionTrainConfig(_Config):
     text: TextEncoderConfig = field(default_factory=lambda: SCENES_TEXT)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     batch_size: int = 32
-    lr: float = 3e-4
+    lr: float = 1e-3
+    lr_warmup: int = 100  # linear warm-up steps, then a cosine decay to lr_final at lr_steps
+    lr_steps: int = 2800
+    lr_final: float = 5e-5
     weight_decay: float = 0.0
     uncond_prob: float = 0.1
-    ema_decay: float = 0.999
+    layout: LayoutEncoderConfig | None = field(default_factory=lambda: SCENES_LAYOUT)
+    layout_fraction: float = 0.25  # of each batch, conditioned on text + layout tokens
+    layout_caption_prob: float = 0.5  # those keep their caption with this probability, else ""
+    ema_decay: float = 0.995
     data_seed: int = 0
     init_seed: int = 1
     latent_scale_scenes: int = 256  # training scenes whose latents set the scale
@@ -108,6 +126,22 @@ class PromptTokens:
         return torch.tensor(rows, dtype=torch.long)
 
 
+def scene_layout(config: LayoutEncoderConfig, scene: Scene) -> list[tuple[int, tuple[float, float, float, float]]]:
+    """A scene's objects as (layout class id, box as fractions x0 y0 x1 y1)."""
+    n = scene.image.shape[0]
+    return [(class_id(o.colour, o.shape) - 1, tuple(v / n for v in o.bbox)) for o in scene.objects]
+
+
+def layout_tokens(config: LayoutEncoderConfig, scenes: Sequence[Scene]) -> torch.Tensor:
+    return torch.stack([tokenize_layout(config, scene_layout(config, s)) for s in scenes])
+
+
+def build_layout_encoder(config: LayoutEncoderConfig, seed: int) -> LayoutEncoder:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LayoutEncoder(config)
+
+
 def build_text_encoder(config: TextEncoderConfig, seed: int) -> ClipTextEncoder:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -135,8 +169,7 @@ class DiffusionStage(Stage):
     name = "diffusion"
 
     def __init__(self, folder: str | Path, autoencoder: AutoencoderKL, config: DiffusionTrainConfig = DiffusionTrainConfig(),
-                 scenes: SceneConfig = SceneConfig(), *, context_encoder: nn.Module | None = None,
-                 context_tokens: Callable[[list[Scene]], dict] | None = None) -> None:
+                 scenes: SceneConfig = SceneConfig()) -> None:
         super().__init__(folder, config.init_seed)
         if config.unet.context_dim != config.text.hidden_size:
             raise ValueError(f"DiffusionTrainConfig: unet.context_dim ({config.unet.context_dim}) must equal "
@@ -146,10 +179,13 @@ class DiffusionStage(Stage):
         self.unet = build_unet(config.unet, config.init_seed)
         self.text = build_text_encoder(config.text, config.init_seed + 1)
         self.modules.update(unet=self.unet, text=self.text)
-        # The layout hook: extra context tokens from the scenes themselves (see module docstring).
-        self.context_encoder, self.context_tokens = context_encoder, context_tokens
-        if context_encoder is not None:
-            self.modules["context"] = context_encoder
+        self.layout: LayoutEncoder | None = None
+        if config.layout is not None:
+            if config.layout.dim != config.text.hidden_size:
+                raise ValueError(f"DiffusionTrainConfig: layout.dim ({config.layout.dim}) must equal text.hidden_size "
+                                 f"({config.text.hidden_size}): both feed the same cross-attention")
+            self.layout = build_layout_encoder(config.layout, config.init_seed + 2)
+            self.modules["layout"] = self.layout
         params = [p for m in self.modules.values() for p in m.parameters()]
         self.optimizers["main"] = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.emas = {name: EMA(m, config.ema_decay) for name, m in self.modules.items()}
@@ -180,13 +216,15 @@ class DiffusionStage(Stage):
         if self.latent_scale is None:
             raise ValueError("the latent scale is measured at the first training step; train at least one step")
         return ModelConfig(family="scenes", unet=self.config.unet, vae=vae_config, text_encoders=(self.config.text,),
-                           prediction="eps", latent_scale=self.latent_scale, schedule=self.config.schedule)
+                           prediction="eps", latent_scale=self.latent_scale, schedule=self.config.schedule,
+                           layout=self.config.layout)
 
-    def context(self, captions: list[str], scenes: list[Scene] | None, text: ClipTextEncoder,
-                extra: nn.Module | None) -> torch.Tensor:
+    def context(self, captions: list[str], text: ClipTextEncoder, layout: LayoutEncoder | None = None,
+                scenes: Sequence[Scene] = ()) -> torch.Tensor:
+        """τθ(captions) [B, 77, D], followed by τθ(layout of `scenes`) [B, 3·max_objects, D] when a layout encoder is given."""
         ctx = encode_text(text, self.tokens(captions))
-        if extra is not None and scenes is not None and self.context_tokens is not None:
-            ctx = torch.cat([ctx, extra(**self.context_tokens(scenes))], dim=1)
+        if layout is not None:
+            ctx = torch.cat([ctx, layout(layout_tokens(self.config.layout, scenes))], dim=1)
         return ctx
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -197,14 +235,27 @@ class DiffusionStage(Stage):
         with torch.no_grad():
             z0 = self.ae.encode(batch.images).sample(g) * self.latent_scale
         b = z0.shape[0]
+        n_layout = round(b * self.config.layout_fraction) if self.layout is not None else 0
         drop = torch.rand(b, generator=g) < self.config.uncond_prob
-        captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
+        keep = torch.rand(b, generator=g) < self.config.layout_caption_prob
         t = torch.randint(0, self.config.schedule.timesteps, (b,), generator=g)
         eps = torch.randn(z0.shape, generator=g)
         zt = self.sqrt_abar[t].view(-1, 1, 1, 1) * z0 + self.sqrt_one_minus_abar[t].view(-1, 1, 1, 1) * eps
-        ctx = self.context(captions, batch.scenes, self.text, self.context_encoder)
-        loss = F.mse_loss(self.unet(zt, t, ctx), eps)
+        n_text = b - n_layout
+        # text alone (classifier-free dropout to ""), then text-or-"" with the layout tokens
+        captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
+        sq_err = F.mse_loss(self.unet(zt[:n_text], t[:n_text], self.context(captions[:n_text], self.text)),
+                            eps[:n_text], reduction="sum")
+        if n_layout:
+            captions = [c if k else "" for k, c in zip(keep.tolist()[n_text:], batch.captions[n_text:])]
+            ctx = self.context(captions, self.text, self.layout, batch.scenes[n_text:])
+            sq_err = sq_err + F.mse_loss(self.unet(zt[n_text:], t[n_text:], ctx), eps[n_text:], reduction="sum")
+        loss = sq_err / eps.numel()
         opt = self.optimizers["main"]
+        c = self.config
+        lr = cosine_lr(step - c.lr_warmup, c.lr, c.lr_final, c.lr_steps - c.lr_warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / c.lr_warmup) if c.lr_warmup else lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -225,13 +276,14 @@ class DiffusionStage(Stage):
         zt = self.sqrt_abar[t].view(-1, 1, 1, 1) * z0 + self.sqrt_one_minus_abar[t].view(-1, 1, 1, 1) * eps
         unet = self.emas["unet"].module if use_ema else self.unet.eval()
         text = self.emas["text"].module if use_ema else self.text.eval()
-        ctx = self.context(batch.captions, batch.scenes, text, None)
+        ctx = self.context(batch.captions, text)
         return F.mse_loss(unet(zt, t, ctx), eps).item()
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, cfg: float = 5.0,
-               use_ema: bool = True) -> torch.Tensor:
-        """Images [N, 3, H, W] in [−1, 1] for `prompts`, through the engine's sampler and guidance."""
+               use_ema: bool = True, scenes: Sequence[Scene] | None = None) -> torch.Tensor:
+        """Images [N, 3, H, W] in [−1, 1] for `prompts`, through the engine's sampler and guidance.
+        With `scenes`, each prompt is followed by that scene's layout tokens (layout-to-image)."""
         from ..conditioning import Cond
         from ..model import DiffusionModel
         from ..pipeline import ksample
@@ -239,18 +291,24 @@ class DiffusionStage(Stage):
 
         unet = self.emas["unet"].module if use_ema else self.unet
         text = self.emas["text"].module if use_ema else self.text
+        layout = (self.emas["layout"].module if use_ema else self.layout) if scenes is not None else None
         config = self.model_config(self.ae.config)
         model = DiffusionModel(unet.eval(), config, torch.device("cpu"), torch.float32)
         sampler = "dpmpp_2m" if "dpmpp_2m" in SAMPLERS else "euler"
         size = self.scenes.size // self.ae.config.downsample_factor
-        uncond = Cond(context=encode_text(text.eval(), self.tokens([""])))
+        uncond = Cond(context=self.context([""], text.eval()))
         out = []
         for i, prompt in enumerate(prompts):
-            cond = Cond(context=encode_text(text, self.tokens([prompt])))
+            cond = Cond(context=self.context([prompt], text, layout and layout.eval(),
+                                             [scenes[i]] if scenes is not None else ()))
             latent = torch.zeros(1, config.unet.out_channels, size, size)
             z = ksample(model, [cond], [uncond], latent, seed=seed + i, steps=steps, cfg=cfg, sampler=sampler)
             out.append(self.ae.decode(z))
         return torch.cat(out)
 
     def write_samples(self, path: Path) -> None:
-        image_grid([self.sample(SAMPLE_PROMPTS)]).save(path)
+        rows = [self.sample(SAMPLE_PROMPTS)]
+        if self.layout is not None:  # held-out scenes, and pictures from their layouts alone
+            held = heldout_batch(self.config.data_seed, len(SAMPLE_PROMPTS), self.scenes)
+            rows += [held.images, self.sample([""] * len(held.scenes), scenes=held.scenes)]
+        image_grid(rows).save(path)

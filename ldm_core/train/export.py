@@ -1,7 +1,8 @@
 """The trained model as one single-file checkpoint in Stable Diffusion's key layout.
 
 Keys: `model.diffusion_model.*` (EMA UNet), `first_stage_model.*` (autoencoder),
-`cond_stage_model.transformer.*` (EMA text encoder, transformers CLIP names), and the
+`cond_stage_model.transformer.*` (EMA text encoder, transformers CLIP names),
+`layout_stage_model.*` (EMA box-layout encoder, when the model has one), and the
 whole `ModelConfig` as JSON in the safetensors metadata key `ldm_core.config`, so
 `ldm_core.loader.load_checkpoint` builds it through its normal path with no preset.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint import LAYOUT_PREFIX
 from ..config import ModelConfig, VAEConfig
 from ..detect import CONFIG_METADATA_KEY, text_prefixes
 from .diffusion import DiffusionTrainConfig
@@ -20,11 +22,12 @@ from .state import read_state, sub_state
 
 
 def checkpoint_tensors(config: ModelConfig, unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor],
-                       text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                       text: dict[str, torch.Tensor], layout: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     (prefix,) = text_prefixes(config)
     out = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
     out.update({f"first_stage_model.{k}": v for k, v in vae.items()})
     out.update({f"{prefix}{k}": v for k, v in text.items()})
+    out.update({f"{LAYOUT_PREFIX}{k}": v for k, v in (layout or {}).items()})
     return out
 
 
@@ -46,14 +49,15 @@ def export_checkpoint(stage1: str | Path, stage2: str | Path, path: str | Path, 
     train = DiffusionTrainConfig.from_dict(doc2["config"])
     config = ModelConfig(family="scenes", unet=train.unet, vae=VAEConfig.from_dict(doc1["config"]["vae"]),
                          text_encoders=(train.text,), prediction="eps", latent_scale=float(doc2["latent_scale"]),
-                         schedule=train.schedule)
+                         schedule=train.schedule, layout=train.layout)
     vae_dtype = vae_dtype or dtype
 
     def cast(sd: dict[str, torch.Tensor], dt: torch.dtype) -> dict[str, torch.Tensor]:
         return {k: (v.to(dt) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
 
     tensors = checkpoint_tensors(config, cast(sub_state(t2, "ema.unet."), dtype), cast(sub_state(t1, "model.ae."), vae_dtype),
-                                 cast(sub_state(t2, "ema.text."), dtype))
+                                 cast(sub_state(t2, "ema.text."), dtype),
+                                 cast(sub_state(t2, "ema.layout."), dtype) if train.layout is not None else None)
     meta = {CONFIG_METADATA_KEY: json.dumps(config.to_dict()), "ldm_core.train_steps": json.dumps(
         {"autoencoder": doc1["step"], "diffusion": doc2["step"]}), **(extra_metadata or {})}
     path = Path(path)
