@@ -76,10 +76,16 @@ def mask_bounds_area(mask: torch.Tensor) -> tuple[int, int, int, int]:
     return (max(8, y1 - y0 + 1), max(8, x1 - x0 + 1), y0, x0)
 
 
-def resolve(cond: Cond, side: int, latent_hw: tuple[int, int], schedule: DiscreteSchedule | None) -> Region:
-    """Areas in fractions → cells, masks → the latent's size (bilinear), percents → σ."""
+def resolve(cond: Cond, side: int, latent_hw: tuple[int, int], schedule: DiscreteSchedule | None,
+            cell_scale: int = 1) -> Region:
+    """Areas in fractions → cells, masks → the latent's size (bilinear), percents → σ.
+
+    `cell_scale`: areas in cells are ComfyUI's 8-pixel cells (pixels // 8, set by the area
+    nodes); a model whose VAE downsamples by f < 8 has 8 / f latent cells per such cell."""
     h, w = latent_hw
     area = None if cond.area is None else cond.area.resolve(h, w)
+    if area is not None and cell_scale != 1 and not cond.area.fraction:
+        area = tuple(v * cell_scale for v in area)
     mask = cond.mask
     if mask is not None:
         mask = mask.float().unsqueeze(0) if mask.ndim == 2 else mask.float()
@@ -232,7 +238,9 @@ class CFGGuider:
     def regions(self, latent_hw: tuple[int, int]) -> list[Region]:
         """Every entry that can run, resolved for this latent size (cached per size)."""
         if latent_hw not in self._regions:
-            sides = [[resolve(c, k, latent_hw, self.schedule) for c in conds] for k, conds in enumerate(self.sides)]
+            cell_scale = max(1, 8 // self.config.vae.downsample_factor)
+            sides = [[resolve(c, k, latent_hw, self.schedule, cell_scale) for c in conds]
+                     for k, conds in enumerate(self.sides)]
             pair_areas(sides)
             self._regions[latent_hw] = [r for k in range(self.n_sides) for r in sides[k]]
         return self._regions[latent_hw]

@@ -24,6 +24,12 @@ FOLDERS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _builtin_models() -> dict[str, dict[str, Path]]:
+    from ._engine import engine
+
+    return engine("embedded").builtin_models()
+
+
 class PathError(ValueError):
     """A file name from a workflow that is missing or would leave its folder."""
 
@@ -49,7 +55,8 @@ class NodeContext:
     output_dir: Path = Path("output")
     temp_dir: Path = Path("temp")
     device: str | None = None
-    builtin_models: dict[str, dict[str, Path]] = field(default_factory=dict)  # kind → name → file
+    # kind → name → file shipped with the package (the embedded default model)
+    builtin_models: dict[str, dict[str, Path]] = field(default_factory=lambda: _builtin_models())
 
     @classmethod
     def headless(cls, models_dir: str | os.PathLike | None = None, *, input_dir: str | os.PathLike = "input",

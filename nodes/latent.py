@@ -10,8 +10,10 @@ resize = engine("resize")
 latents = engine("latent")
 
 
-def empty(ctx: NodeContext, width: int, height: int, batch_size: int = 1):
-    return ({"samples": latents.empty(width, height, batch_size)},)
+def empty(ctx: NodeContext, width: int, height: int, batch_size: int = 1, vae=None):
+    if vae is None:  # ComfyUI's EmptyLatentImage: 4 channels at 1/8 of the size
+        return ({"samples": latents.empty(width, height, batch_size)},)
+    return ({"samples": latents.empty(width, height, batch_size, vae.config.embed_dim, vae.factor)},)
 
 
 def upscale(ctx: NodeContext, samples: dict, upscale_method: str, width: int, height: int, crop: str):
@@ -27,8 +29,12 @@ def specs(s: Sockets, core: bool = False) -> list:
         node("LDMEmptyLatentImage", "Empty Latent Image (LDM)", "latent", empty,
              [integer("width", 512, 16, MAX_RESOLUTION, "Image width in pixels.", step=8),
               integer("height", 512, 16, MAX_RESOLUTION, "Image height in pixels.", step=8),
-              integer("batch_size", 1, 1, 4096, "Images per batch.")],
-             [out(LATENT, "LATENT", "Zeros [B, 4, H/8, W/8]: sampling starts from pure noise.")],
+              integer("batch_size", 1, 1, 4096, "Images per batch."),
+              *([] if core else [socket("vae", s.vae, "Size the latent for this VAE (its channels and downscale "
+                                        "factor, e.g. 4 for the embedded model); unconnected: 4 channels at 1/8, "
+                                        "as ComfyUI's EmptyLatentImage.", optional=True)])],
+             [out(LATENT, "LATENT", "Zeros [B, C, H/f, W/f] (C = 4, f = 8 unless a VAE says otherwise): sampling "
+                                    "starts from pure noise.")],
              "An empty latent to generate into."),
         node("LDMLatentUpscale", "Upscale Latent (LDM)", "latent", upscale,
              [socket("samples", LATENT), combo("upscale_method", resize.LATENT_METHODS),

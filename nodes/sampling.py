@@ -62,7 +62,8 @@ def tiled_ksampler(ctx: NodeContext, model, seed: int, steps: int, cfg: float, s
     if tile_overlap >= tile_size:
         raise ValueError(f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size}); "
                          f"a quarter of the tile is a good start")
-    tiling = pipeline.Tiling(tile_size // 8, tile_overlap // 8, blend)
+    f = model.config.vae.downsample_factor  # pixels per latent cell
+    tiling = pipeline.Tiling(tile_size // f, tile_overlap // f, blend)
     return _sample(model, positive, negative, latent_image, progress, seed=seed, steps=steps, cfg=cfg,
                    sampler=sampler_name, scheduler=scheduler, denoise=denoise, tiling=tiling)
 
