@@ -248,3 +248,23 @@ def test_real_unet_area_entry_with_concat_equals_its_crop_run_alone():
     want = full.clone()
     want[:, :, 8:16, 4:12] = (full[:, :, 8:16, 4:12] + crop * m) / (1.0 + m)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_pixel_areas_follow_a_vae_with_a_smaller_factor():
+    """Area nodes store ComfyUI's 8-pixel cells; on an f = 4 model (the embedded one) the guider
+    doubles them, so a 64-pixel-wide area still covers 64 pixels (16 latent cells). Fractions stay."""
+    config = PRESETS["sd1"]
+    f4 = config.replace(vae=config.vae.replace(ch_mult=(1, 2, 2)))
+    assert f4.vae.downsample_factor == 4
+    (cond,) = C.set_area([Cond(context=torch.zeros(1, 77, 768))], width=64, height=32, x=64, y=8)
+
+    def denoiser(x, sigma, context, y=None, **kw):
+        return torch.zeros_like(x)
+
+    for cfg, cells in ((config, (4, 8, 1, 8)), (f4, (8, 16, 2, 16))):
+        guider = CFGGuider(denoiser, cfg, [cond], [Cond(context=torch.zeros(1, 77, 768))], 5.0, (128, 128))
+        area = next(r.area for r in guider.regions((32, 32)) if r.side == 0)
+        assert area == cells
+    (frac,) = C.set_area_percentage([Cond(context=torch.zeros(1, 77, 768))], 0.5, 0.5, 0.25, 0.0)
+    guider = CFGGuider(denoiser, f4, [frac], [Cond(context=torch.zeros(1, 77, 768))], 5.0, (128, 128))
+    assert next(r.area for r in guider.regions((32, 32)) if r.side == 0) == (16, 16, 0, 8)

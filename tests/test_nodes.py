@@ -17,8 +17,8 @@ from PIL import Image
 
 from ldm_core.image_io import to_pil
 from ldm_core.lora_keys import random_lora, save_lora
-from ldm_core.presets import PRESETS, shrink
-from ldm_core.synth import save_checkpoint
+from ldm_core.embedded import EMBEDDED_PATH
+from ldm_core.loader import load_checkpoint
 from nodes.cli import main as ldm_run
 from nodes.comfy_adapter import node_mappings
 from nodes.registry import CORE_NODES, headless_registry, pack_specs
@@ -29,7 +29,7 @@ SMALL = {  # per workflow: overrides that keep the CPU run to seconds
     "txt2img.json": ["4.width=64", "4.height=48", "5.steps=2"],
     "img2img.json": ["6.steps=3"],
     "hires_fix.json": ["4.width=64", "4.height=64", "5.steps=2", "7.steps=2"],
-    "core_txt2img_ui.json": ["5.width=64", "5.height=64", "3.steps=2"],
+    "core_txt2img_ui.json": ["5.width=128", "5.height=128", "3.steps=2"],  # core EmptyLatentImage: 1/8 size
     "inpaint.json": ["7.steps=2"],
     "hires_2048.json": ["4.width=64", "4.height=64", "5.steps=2", "7.steps=2", "7.tile_size=128",
                         "7.tile_overlap=64", "8.tile_size=96"],
@@ -39,7 +39,7 @@ SMALL = {  # per workflow: overrides that keep the CPU run to seconds
     "inpaint_mask.json": ["8.steps=2"],
     "regional_prompt.json": ["10.width=128", "10.height=64", "11.steps=2", "6.width=64", "6.height=64",
                              "7.width=64", "7.height=64", "7.x=64"],
-    "box_layout.json": ["4.width=64", "4.height=64", "5.steps=2"],
+    "box_layout.json": ["6.width=64", "6.height=64", "7.steps=2"],
     "lora.json": ["5.width=64", "5.height=48", "6.steps=2"],
 }
 EXPECTED_SIZE = {"txt2img.json": (64, 48), "img2img.json": (72, 48), "hires_fix.json": (128, 128),
@@ -58,8 +58,7 @@ def dirs(tmp_path_factory):
     (root / "models" / "checkpoints").mkdir(parents=True)
     (root / "models" / "loras").mkdir()
     (root / "input").mkdir()
-    config = shrink(PRESETS["sd1"])
-    save_checkpoint(config, root / "models" / "checkpoints" / "demo_sd1.safetensors", seed=1)
+    config = load_checkpoint(EMBEDDED_PATH, device="cpu").config  # every workflow runs on the embedded model
     save_lora(random_lora(config, style="kohya", rank=4, alpha=4.0, seed=2, scale=0.05),
               root / "models" / "loras" / "demo_lora.safetensors")
     gen = torch.Generator().manual_seed(0)
@@ -259,7 +258,7 @@ def test_extra_model_paths_yaml(tmp_path):
         "    upscale_models: models/ESRGAN\n"
     )
     ctx = NodeContext.headless(None, extra_paths=yaml_file)
-    assert ctx.list_models("checkpoints") == ["a.safetensors"]
+    assert ctx.list_models("checkpoints") == ["a.safetensors", "ldm-scenes.safetensors"]  # + the embedded model
     assert ctx.list_models("loras") == ["l.safetensors"]
     assert ctx.model_path("checkpoints", "a.safetensors") == a1111 / "models" / "Stable-diffusion" / "a.safetensors"
 
@@ -270,3 +269,12 @@ def test_readme_lists_every_core_node_that_runs_headless():
     listed = set(re.findall(r"`(\w+)`", section)) - {"CORE_NODES"}
     assert listed == set(CORE_NODES), (sorted(set(CORE_NODES) - listed), sorted(listed - set(CORE_NODES)))
     assert f"{len(CORE_NODES)} ComfyUI core ids" in section
+
+
+def test_empty_latent_follows_a_connected_vae():
+    """Unconnected: ComfyUI's 4 channels at 1/8; with the embedded f = 4 VAE: 1/4."""
+    from nodes.latent import empty
+
+    vae = load_checkpoint(EMBEDDED_PATH, device="cpu").vae
+    assert empty(None, 64, 48)[0]["samples"].shape == (1, 4, 6, 8)
+    assert empty(None, 64, 48, 2, vae)[0]["samples"].shape == (2, 4, 12, 16)

@@ -201,3 +201,16 @@ def test_refine_trains_the_decoder_only(stage1_run, tmp_path):
     new = stage.ae.state_dict()
     assert all(torch.equal(v, new[k]) for k, v in enc.items())
     assert not torch.equal(ae.decoder.conv_out.weight, stage.ae.decoder.conv_out.weight)
+
+
+def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
+    """`ldm-train all` (the shipped model's command) at one step per stage: a file that loads."""
+    from ldm_core.train import __main__ as cli
+
+    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "stage2": 1, "refine": 1})
+    out = tmp_path / "m.safetensors"
+    assert cli.main(["all", "--run", str(tmp_path / "run"), "--sample-every", "0", "--batch-size", "2",
+                     "--to", str(out)]) == 0
+    ckpt = load_checkpoint(out, device="cpu")
+    assert ckpt.layout_encoder is not None and ckpt.vae.factor == 4
+    assert (tmp_path / "run" / "stage1_refine" / "state.json").is_file()

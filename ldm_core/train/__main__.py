@@ -2,7 +2,7 @@
 
     ldm-train stage1 --run runs/scenes --steps 4000      # autoencoder  → runs/scenes/stage1
     ldm-train stage2 --run runs/scenes --steps 12000     # diffusion    → runs/scenes/stage2
-    ldm-train refine --run runs/scenes --steps 1500      # decoder only, frozen encoder → runs/scenes/stage1_refine
+    ldm-train refine --run runs/scenes --steps 1000      # decoder only, frozen encoder → runs/scenes/stage1_refine
     ldm-train export --run runs/scenes --to models/scenes.safetensors
     ldm-train all --run runs/scenes                       # all of the above with the shipped step counts
     ldm-train estimate                                    # seconds per step of each stage here
@@ -57,7 +57,7 @@ def _train(make, args: argparse.Namespace) -> int:
 
 
 # The step counts of the shipped ldm_core/data/ldm-scenes.safetensors (`ldm-train all`).
-SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "refine": 1500}
+SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "refine": 1000}
 
 
 def _all(args: argparse.Namespace) -> int:

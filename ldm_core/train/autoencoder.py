@@ -106,7 +106,7 @@ def cosine_lr(step: int, lr: float, lr_final: float, steps: int) -> float:
 
 # Refining the decoder on the frozen stage-1 encoder (`ldm-train refine`): stage 2 trains on
 # the encoder's latents, so the decoder may go on learning while (or after) stage 2 runs.
-REFINE = dict(decoder_only=True, lr=5e-4, lr_steps=1500, lr_final=2e-5, mse_weight=5.0)
+REFINE = dict(decoder_only=True, lr=5e-4, lr_steps=1000, lr_final=2e-5, mse_weight=5.0)
 
 
 class AutoencoderStage(Stage):
