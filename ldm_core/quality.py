@@ -23,7 +23,7 @@ from .evaluate import box_iou, detect_objects, psnr, score_image, summarize
 from .latent import empty
 from .model import Checkpoint
 from .pipeline import ksample
-from .scenes import Scene, SceneConfig, class_id, make_scene
+from .scenes import Scene, SceneConfig, make_scene
 
 EVAL_SEED = 7_000_001
 DEFAULTS = {"sampler": "dpmpp_2m", "scheduler": "karras", "steps": 20, "cfg": 5.0}
@@ -83,8 +83,9 @@ def generate(ckpt: Checkpoint, conds: Sequence[Cond], settings: Settings, size: 
 
 def layout_cond(ckpt: Checkpoint, scene: Scene, caption: str = "") -> Cond:
     """ConditioningConcat(text(caption), layout tokens of the scene's boxes), as the box-layout workflow wires it."""
-    n = scene.image.shape[0]
-    objects = [(class_id(o.colour, o.shape) - 1, tuple(v / n for v in o.bbox)) for o in scene.objects]
+    from .train.diffusion import scene_layout  # the boxes exactly as training tokenized them
+
+    objects = scene_layout(ckpt.layout_encoder.config, scene)
     (cond,) = conditioning.concat([ckpt.text_encoder.encode(caption)], [ckpt.layout_encoder.encode(objects)])
     return cond
 
