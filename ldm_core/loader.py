@@ -78,18 +78,18 @@ def load_checkpoint(
         vae = VAE(_place(v, dev), config.vae, dev, prec.vae)
     model.preview = LatentPreviewer.channels(model.latent_channels) if vae is None else VAEPreview(
         vae, config.latent_scale)
-    layout_encoder = None
-    if config.layout is not None and comps.layout:
-        from .layout import load_layout_encoder as build
-
-        layout_encoder = _place(build(comps.layout, config.layout, prefix=""), dev)
+    layout_encoder = _build_layout_encoder(config, comps, dev) if config.layout is not None and comps.layout else None
     return Checkpoint(config, model, text, vae, Path(path), layout_encoder)
+
+
+def _build_layout_encoder(config: ModelConfig, comps: ckpt.Components, device: torch.device):
+    from .layout import load_layout_encoder as build
+
+    return _place(build(comps.layout, config.layout, prefix=""), device)
 
 
 def load_layout_encoder(path: str | os.PathLike, *, device: str | torch.device | None = None):
     """The box-layout encoder (fp32) of a checkpoint whose config has a `layout` part."""
-    from .layout import load_layout_encoder as build
-
     wf = read_weights(path)
     config = detect_config(wf.tensors, wf.metadata)
     comps = split_components(wf.tensors)
@@ -97,7 +97,7 @@ def load_layout_encoder(path: str | os.PathLike, *, device: str | torch.device |
         raise WrongComponentError(f"{Path(path).name} has no box-layout encoder (no `layout` in its config or no "
                                   f"{ckpt.LAYOUT_PREFIX}* weights); use a layout-to-image checkpoint such as "
                                   "the embedded ldm-scenes.safetensors")
-    return _place(build(comps.layout, config.layout, prefix=""), pick_device(device))
+    return _build_layout_encoder(config, comps, pick_device(device))
 
 
 def load_vae(path: str | os.PathLike, *, device: str | torch.device | None = None,

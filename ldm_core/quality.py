@@ -85,7 +85,7 @@ def layout_cond(ckpt: Checkpoint, scene: Scene, caption: str = "") -> Cond:
     """ConditioningConcat(text(caption), layout tokens of the scene's boxes), as the box-layout workflow wires it."""
     from .train.diffusion import scene_layout  # the boxes exactly as training tokenized them
 
-    objects = scene_layout(ckpt.layout_encoder.config, scene)
+    objects = scene_layout(scene)
     (cond,) = conditioning.concat([ckpt.text_encoder.encode(caption)], [ckpt.layout_encoder.encode(objects)])
     return cond
 

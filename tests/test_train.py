@@ -214,3 +214,11 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
     ckpt = load_checkpoint(out, device="cpu")
     assert ckpt.layout_encoder is not None and ckpt.vae.factor == 4
     assert (tmp_path / "run" / "stage1_refine" / "state.json").is_file()
+
+
+def test_cosine_lr_known_answers():
+    from ldm_core.train.loop import cosine_lr
+
+    assert cosine_lr(-5, 1.0, 0.1, 100) == cosine_lr(0, 1.0, 0.1, 100) == 1.0  # warm-up steps stay at lr
+    assert cosine_lr(50, 1.0, 0.1, 100) == pytest.approx(0.55)
+    assert cosine_lr(100, 1.0, 0.1, 100) == cosine_lr(500, 1.0, 0.1, 100) == pytest.approx(0.1)

@@ -19,11 +19,15 @@ import tempfile
 from pathlib import Path
 
 
+def _batch(config, args: argparse.Namespace):
+    """The stage's config with --batch-size applied when given (else the config's own default)."""
+    return config.replace(batch_size=args.batch_size) if args.batch_size else config
+
+
 def _stage1(args: argparse.Namespace):
     from .autoencoder import AutoencoderStage, AutoencoderTrainConfig
 
-    config = AutoencoderTrainConfig(data_seed=args.seed, init_seed=args.seed).replace(
-        **({'batch_size': args.batch_size} if args.batch_size else {}))
+    config = _batch(AutoencoderTrainConfig(data_seed=args.seed, init_seed=args.seed), args)
     return AutoencoderStage(Path(args.run) / "stage1", config)
 
 
@@ -32,9 +36,7 @@ def _refine(args: argparse.Namespace):
     from .diffusion import load_stage1
 
     ae, vae_config = load_stage1(Path(args.run) / "stage1")
-    config = AutoencoderTrainConfig(vae=vae_config, data_seed=args.seed + 2, init_seed=args.seed + 2, **REFINE)
-    if args.batch_size:
-        config = config.replace(batch_size=args.batch_size)
+    config = _batch(AutoencoderTrainConfig(vae=vae_config, data_seed=args.seed + 2, init_seed=args.seed + 2, **REFINE), args)
     return AutoencoderStage(Path(args.run) / "stage1_refine", config, init=ae)
 
 
@@ -42,7 +44,7 @@ def _stage2(args: argparse.Namespace):
     from .diffusion import DiffusionStage, DiffusionTrainConfig, load_stage1
 
     ae, _ = load_stage1(Path(args.run) / "stage1")
-    config = DiffusionTrainConfig(batch_size=args.batch_size or 32, data_seed=args.seed + 1, init_seed=args.seed + 1)
+    config = _batch(DiffusionTrainConfig(data_seed=args.seed + 1, init_seed=args.seed + 1), args)
     return DiffusionStage(Path(args.run) / "stage2", ae, config)
 
 
@@ -114,22 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"stage1": "train the autoencoder", "stage2": "train the diffusion model",
              "refine": "train the autoencoder's decoder further on its frozen encoder"}
-    for name in ("stage1", "stage2", "refine"):
-        p = sub.add_parser(name, help=helps[name])
-        p.add_argument("--run", required=True, help="run folder (stage1/ and stage2/ live inside)")
-        p.add_argument("--steps", type=int, required=True, help="total steps to reach (resumes)")
+
+    def run_args(p: argparse.ArgumentParser, save_every: int, sample_every: int) -> None:
+        p.add_argument("--run", required=True, help="run folder (stage1/, stage2/, stage1_refine/ live inside)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--batch-size", type=int, default=None)
         p.add_argument("--log-every", type=int, default=10)
-        p.add_argument("--save-every", type=int, default=500)
-        p.add_argument("--sample-every", type=int, default=1000)
+        p.add_argument("--save-every", type=int, default=save_every)
+        p.add_argument("--sample-every", type=int, default=sample_every)
+
+    for name in ("stage1", "stage2", "refine"):
+        p = sub.add_parser(name, help=helps[name])
+        run_args(p, 500, 1000)
+        p.add_argument("--steps", type=int, required=True, help="total steps to reach (resumes)")
     p = sub.add_parser("all", help="train both stages and refine to the shipped step counts, then export")
-    p.add_argument("--run", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--save-every", type=int, default=250)
-    p.add_argument("--sample-every", type=int, default=500)
+    run_args(p, 250, 500)
     p.add_argument("--to", default=None, help="default: the package's embedded model file")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
     p = sub.add_parser("export", help="write the single-file checkpoint")

@@ -26,7 +26,7 @@ from ..evaluate import psnr
 from ..scenes import SceneConfig
 from ..vae import AutoencoderKL
 from .data import heldout_batch, scene_batch, scene_config_from_dict, scene_config_to_dict
-from .loop import Stage, image_grid
+from .loop import Stage, cosine_lr, image_grid, seeded
 
 # The first stage: f = 4 (64×64 scenes → 16×16×4 latents), narrow. Four channels per
 # GroupNorm group: with 32 groups of one channel each (SD's 32 groups on a 32-wide first
@@ -87,21 +87,11 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int) -> torch.Tensor:
 def build_autoencoder(config: VAEConfig, seed: int, logvar_init: float | None = None) -> AutoencoderKL:
     """A freshly initialised AutoencoderKL; the seed alone decides its weights. `logvar_init`
     sets the bias of the posterior's log-variance channels (None: PyTorch's default init)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        ae = AutoencoderKL(config)
+    ae = seeded(AutoencoderKL, config, seed)
     if logvar_init is not None:
         with torch.no_grad():
             ae.quant_conv.bias[config.embed_dim:] = logvar_init
     return ae
-
-
-def cosine_lr(step: int, lr: float, lr_final: float, steps: int) -> float:
-    """lr at `step`: half a cosine from `lr` (step 0) to `lr_final` (step ≥ `steps`)."""
-    import math
-
-    t = min(max(step, 0), steps) / max(steps, 1)
-    return lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * t))
 
 
 # Refining the decoder on the frozen stage-1 encoder (`ldm-train refine`): stage 2 trains on
@@ -129,9 +119,7 @@ class AutoencoderStage(Stage):
         self.optimizers["ae"] = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=0.0)
         self.disc = None
         if config.disc_weight > 0:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(config.init_seed + 1)
-                self.disc = PatchDiscriminator(config.disc_channels)
+            self.disc = seeded(PatchDiscriminator, config.disc_channels, config.init_seed + 1)
             self.modules["disc"] = self.disc
             self.optimizers["disc"] = torch.optim.AdamW(self.disc.parameters(), lr=config.lr,
                                                         betas=tuple(config.betas), weight_decay=0.0)

@@ -40,10 +40,9 @@ from ..text_encoder import ClipTextEncoder
 from ..tokenizer import ClipTokenizer
 from ..unet import UNetModel
 from ..vae import AutoencoderKL
-from .autoencoder import cosine_lr
 from .data import heldout_batch, scene_batch, scene_config_from_dict, scene_config_to_dict
 from .ema import EMA
-from .loop import Stage, image_grid
+from .loop import Stage, cosine_lr, image_grid, seeded
 from .state import read_state, sub_state
 
 SCENES_TEXT = TextEncoderConfig(
@@ -126,33 +125,26 @@ class PromptTokens:
         return torch.tensor(rows, dtype=torch.long)
 
 
-def scene_layout(config: LayoutEncoderConfig, scene: Scene) -> list[tuple[int, tuple[float, float, float, float]]]:
+def scene_layout(scene: Scene) -> list[tuple[int, tuple[float, float, float, float]]]:
     """A scene's objects as (layout class id, box as fractions x0 y0 x1 y1)."""
     n = scene.image.shape[0]
     return [(class_id(o.colour, o.shape) - 1, tuple(v / n for v in o.bbox)) for o in scene.objects]
 
 
 def layout_tokens(config: LayoutEncoderConfig, scenes: Sequence[Scene]) -> torch.Tensor:
-    return torch.stack([tokenize_layout(config, scene_layout(config, s)) for s in scenes])
+    return torch.stack([tokenize_layout(config, scene_layout(s)) for s in scenes])
 
 
 def build_layout_encoder(config: LayoutEncoderConfig, seed: int) -> LayoutEncoder:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LayoutEncoder(config)
+    return seeded(LayoutEncoder, config, seed)
 
 
 def build_text_encoder(config: TextEncoderConfig, seed: int) -> ClipTextEncoder:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        enc = ClipTextEncoder(config)
-    return enc.requires_grad_(True)
+    return seeded(ClipTextEncoder, config, seed).requires_grad_(True)
 
 
 def build_unet(config: UNetConfig, seed: int) -> UNetModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UNetModel(config)
+    return seeded(UNetModel, config, seed)
 
 
 def load_stage1(folder: str | Path) -> tuple[AutoencoderKL, VAEConfig]:

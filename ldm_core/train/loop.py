@@ -100,6 +100,21 @@ class Stage:
         return records
 
 
+def seeded(make, config, seed: int):
+    """`make(config)` with the global RNG seeded for the construction only: the seed alone decides its weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make(config)
+
+
+def cosine_lr(step: int, lr: float, lr_final: float, steps: int) -> float:
+    """lr at `step`: half a cosine from `lr` (step ≤ 0) to `lr_final` (step ≥ `steps`)."""
+    import math
+
+    t = min(max(step, 0), steps) / max(steps, 1)
+    return lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * t))
+
+
 def image_grid(rows: list[torch.Tensor]) -> "Image.Image":  # noqa: F821
     """Rows of images [N, 3, H, W] in [−1, 1] → one PIL picture, rows stacked top to bottom."""
     from PIL import Image
