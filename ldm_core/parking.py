@@ -57,7 +57,7 @@ class DiskMap:
             view = memoryview(buf[i]).cast("B")
             if os.preadv(self._fd, [view], y * self._row + start) != length:
                 raise OSError("short read from the parking file")
-        return torch.from_numpy(buf).permute(2, 0, 1).unsqueeze(0)  # [1, C, h, w], channels-last strides
+        return torch.from_numpy(buf).unsqueeze(0).permute(0, 3, 1, 2)  # [1, C, h, w], channels-last strides
 
     def __setitem__(self, key: tuple, value: Tensor) -> None:
         y0, y1, x0, x1 = self._box(key)
@@ -68,9 +68,10 @@ class DiskMap:
         for i, y in enumerate(range(y0, y1)):
             os.pwrite(self._fd, memoryview(rows[i]).cast("B"), y * self._row + start)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
-        """The whole map as an ordinary tensor (contiguous NCHW)."""
-        return self[:, :, :, :].to(device=device, dtype=dtype or self.dtype, memory_format=torch.contiguous_format)
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None,
+           memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """The whole map as an ordinary tensor (contiguous NCHW unless another format is asked for)."""
+        return self[:, :, :, :].to(device=device, dtype=dtype or self.dtype, memory_format=memory_format)
 
     def close(self) -> None:
         if self._fd >= 0:

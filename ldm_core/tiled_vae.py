@@ -17,9 +17,11 @@ writing only its tile, and folding every tile into the statistics of the next
 GroupNorm (`tiling.GroupStats`). The next stage therefore normalises with the exact
 whole-image statistics, and since every conv sees exactly the inputs it sees
 untiled, the result equals the untiled one up to fp32 rounding. Whole maps between
-stages are *parked*: on the device when they fit, else in CPU memory, else in a
-temporary file (`parking.DiskMap`), so the device holds one tile's working set at a
-time; a block's output overwrites its residual input in place (each tile reads its
+stages are *parked*: on the device when they fit, else in CPU memory, else "hybrid"
+(in memory while the maps held there stay within one full-resolution map, the larger
+ones in a temporary file, `parking.DiskMap`), else all on disk, so the device holds one
+tile's working set at a time; all channels last (a disk window is then one run of bytes
+per row, and oneDNN convolutions are faster on it); a block's output overwrites its residual input in place (each tile reads its
 residual only where it writes).
 
 Fast mode, one pass per tile. The GroupNorm statistics are estimated once, by an
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,8 +73,11 @@ class TileOptions:
     from free memory); lower-resolution layers use tiles of the same element count.
     `mode`: "exact" (equals untiled) or "fast" (one pass per tile, estimated statistics).
     `park`: where whole maps wait between stages: a device, "disk" (an unlinked temporary
-    file: resident memory stays at one tile's working set), or None: the device if they
-    fit in half its free memory, else CPU memory if they fit there, else disk."""
+    file: resident memory stays at one tile's working set), "hybrid" (the device while the
+    maps held there stay within one full-resolution map of the model's first width, the
+    rest on disk: a resident peak near one such map, far less disk traffic than "disk"),
+    or None: the device if they fit in half its free memory, else CPU memory if they fit
+    there, else hybrid, else disk."""
 
     tile: int | None = None
     mode: Mode = "exact"
@@ -102,14 +108,15 @@ def free_memory(device: torch.device) -> int:
 
 
 def auto_tile(model: AutoencoderKL, device: torch.device, free: int | None = None) -> int:
-    """A tile side (image px, multiple of 32) whose working set takes about 1/16 of free memory.
+    """A tile side (image px, multiple of 32) whose working set takes about 1/32 of free memory,
+    at most 256 MiB: the halo is one pixel, so larger tiles buy little speed and cost memory.
 
     A full-resolution stage holds about four maps of the widest full-resolution width per
     tile (input window, its normalised copy, conv output, residual), 4 bytes per value.
     """
     free = free_memory(device) if free is None else free
     widest = model.config.ch * max(model.config.ch_mult[:2])
-    budget = min(max(free // 16, 32 << 20), 1 << 30)
+    budget = min(max(free // 32, 32 << 20), 256 << 20)
     side = int(math.sqrt(budget / (4 * 4 * widest))) // 32 * 32
     return max(MIN_TILE, min(MAX_TILE, side))
 
@@ -119,22 +126,73 @@ def _stage_tile(tile: int, ref_channels: int, channels: int) -> int:
     return max(8, int(tile * math.sqrt(ref_channels / channels)))
 
 
-Park = torch.device | Literal["disk"]
+Park = torch.device | Literal["disk", "hybrid"]
+CHANNELS_LAST = torch.channels_last  # parked maps and tiles: a window of a disk map is then a run of bytes per row,
+# and CPU convolutions (oneDNN) run faster on it
 
 
-def _park_device(device: torch.device, bytes_needed: int, park: torch.device | str | None) -> Park:
+def _park_device(device: torch.device, bytes_needed: int, hybrid_bytes: int, park: torch.device | str | None) -> Park:
+    """The parking asked for, or (None) the device if all maps fit in half its free memory, else
+    CPU memory likewise, else "hybrid" if its in-memory share fits, else disk."""
     if park is not None:
-        return "disk" if park == "disk" else torch.device(park)
+        return park if park in ("disk", "hybrid") else torch.device(park)
     if bytes_needed < free_memory(device) // 2:
         return device
     cpu = torch.device("cpu")
     if device.type != "cpu" and bytes_needed < free_memory(cpu) // 2:
         return cpu
-    return "disk"
+    return "hybrid" if hybrid_bytes < free_memory(device) // 2 else "disk"
 
 
-def _parked(x: Tensor, park: Park) -> Tensor | DiskMap:
-    return DiskMap.of(x) if park == "disk" else x.to(park)
+class _Held:
+    """Token whose life is that of a parked map's memory."""
+
+
+class _Parking:
+    """Allocates the whole maps of one decode/encode where `park` says; for "hybrid", on
+    `device` while the live maps held there stay within `budget` bytes, else on disk."""
+
+    def __init__(self, park: Park, device: torch.device, budget: int = 0) -> None:
+        self.park, self.device, self.budget, self.live = park, device, budget, 0
+
+    def _in_memory(self, nbytes: int) -> torch.device | None:
+        if self.park == "disk":
+            return None
+        if self.park != "hybrid":
+            return self.park
+        if self.live + nbytes > self.budget:
+            return None
+        self.live += nbytes
+        return self.device
+
+    def _track(self, t: Tensor) -> Tensor:
+        if self.park == "hybrid":  # counted until the last tensor sharing the token (views: `share`) is gone
+            t._ldm_parked = _Held()
+            weakref.finalize(t._ldm_parked, self._release, t.numel() * t.element_size())
+        return t
+
+    @staticmethod
+    def share(view: Tensor, base: Tensor) -> Tensor:
+        """`view` of a parked `base` keeps the base's memory counted."""
+        if hasattr(base, "_ldm_parked"):
+            view._ldm_parked = base._ldm_parked
+        return view
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def empty(self, channels: int, height: int, width: int, dtype: torch.dtype) -> Tensor | DiskMap:
+        where = self._in_memory(channels * height * width * torch.finfo(dtype).bits // 8)
+        if where is None:
+            return DiskMap(channels, height, width)
+        return self._track(torch.empty(1, channels, height, width, dtype=dtype, device=where, memory_format=CHANNELS_LAST))
+
+    def of(self, x: Tensor) -> Tensor | DiskMap:
+        """x (one sample) parked: a channels-last copy in memory, or a disk map."""
+        where = self._in_memory(x.numel() * x.element_size())
+        if where is None:
+            return DiskMap.of(x)
+        return self._track(x.to(where, memory_format=CHANNELS_LAST, copy=True))
 
 
 # ---------------------------------------------------------------- one exact stage
@@ -161,14 +219,15 @@ def _window(o0: int, o1: int, n: int, resample: Resample) -> tuple[int, int, int
 
 def _normalised(window: Tensor, affine: tuple[Tensor, Tensor] | None, device: torch.device,
                 dtype: torch.dtype) -> Tensor:
-    """silu(window * scale + shift) as a new tensor on `device` (the parked map is never written)."""
+    """silu(window * scale + shift) as a new channels-last contiguous tensor on `device` (the parked
+    map is never written). Windows of maps in memory and on disk take the same arithmetic, in the
+    same memory format, so both parkings give the same bits."""
+    w = window.to(device=device, dtype=dtype)  # a view when already there
     if affine is None:
-        return window.to(device=device, dtype=dtype)
+        return w.contiguous(memory_format=CHANNELS_LAST)
     scale, shift = affine
-    if window.device == device and window.dtype == dtype:
-        x = torch.addcmul(shift, window, scale)  # one pass: read the view, write the result
-    else:
-        x = window.to(device=device, dtype=dtype, copy=True).mul_(scale).add_(shift)
+    x = torch.empty(w.shape, dtype=dtype, device=device, memory_format=CHANNELS_LAST)
+    torch.addcmul(shift, w, scale, out=x)
     return F.silu(x, inplace=True)
 
 
@@ -199,11 +258,12 @@ def _stage(src: Tensor, out: Tensor, conv: nn.Conv2d, tile: int, device: torch.d
                 x = F.interpolate(x, scale_factor=2.0, mode="nearest")
             y = F.conv2d(x, weight, bias, padding=1)
             if y.shape[-2:] != (y1 - y0, x1 - x0):
-                y = y[:, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox].contiguous()
+                y = y[:, :, y0 - oy:y1 - oy, x0 - ox:x1 - ox].contiguous(memory_format=CHANNELS_LAST)
         del x
         if residual is not None:
             r = residual[:, :, y0:y1, x0:x1].to(device=device, dtype=y.dtype)
-            y.add_(r if shortcut is None else F.conv2d(r, shortcut.weight, shortcut.bias))
+            y.add_(r if shortcut is None else F.conv2d(r.contiguous(memory_format=CHANNELS_LAST), shortcut.weight,
+                                                       shortcut.bias))
             del r
         if out_stats is not None:
             out_stats.add(y)
@@ -213,13 +273,11 @@ def _stage(src: Tensor, out: Tensor, conv: nn.Conv2d, tile: int, device: torch.d
 class _Runner:
     """Runs exact stages on one sample: where maps are parked, how big tiles are."""
 
-    def __init__(self, device: torch.device, park: Park, tile: int, ref_channels: int, groups: int) -> None:
-        self.device, self.park, self.tile, self.ref, self.groups = device, park, tile, ref_channels, groups
+    def __init__(self, device: torch.device, parking: _Parking, tile: int, ref_channels: int, groups: int) -> None:
+        self.device, self.parking, self.tile, self.ref, self.groups = device, parking, tile, ref_channels, groups
 
     def empty(self, like: Tensor | DiskMap, channels: int, height: int, width: int) -> Tensor | DiskMap:
-        if self.park == "disk":
-            return DiskMap(channels, height, width)
-        return torch.empty(like.shape[0], channels, height, width, dtype=like.dtype, device=self.park)
+        return self.parking.empty(channels, height, width, like.dtype)
 
     def conv(self, src: Tensor, conv: nn.Conv2d, resample: Resample = "none",
              norm: tuple[nn.GroupNorm, GroupStats] | None = None,
@@ -242,7 +300,7 @@ class _Runner:
         if x.shape[1] == c_out:
             out = x
         elif x.shape[1] > c_out and isinstance(x, Tensor):
-            out = x[:, :c_out]
+            out = _Parking.share(x[:, :c_out], x)
         else:
             out = self.empty(x, c_out, *x.shape[-2:])
         out_stats = GroupStats(x.shape[0], self.groups)
@@ -276,13 +334,21 @@ def untiled_bytes(model: AutoencoderKL, height: int, width: int) -> int:
     return 3 * _full_res_map_bytes(model, height, width)
 
 
-def _decode_one_exact(model: AutoencoderKL, z: Tensor, tile: int, park: torch.device | None) -> Tensor:
+def _parking(model: AutoencoderKL, height: int, width: int, park: torch.device | str | None) -> _Parking:
+    """Where the maps of a height × width (image px) decode or encode wait; the hybrid budget is
+    one full-resolution map of the model's first width."""
+    device, cfg = _device_of(model), model.config
+    first = cfg.ch * cfg.ch_mult[0] * height * width * torch.finfo(_dtype_of(model)).bits // 8
+    return _Parking(_park_device(device, _parked_bytes(model, height, width), first, park), device, first)
+
+
+def _decode_one_exact(model: AutoencoderKL, z: Tensor, tile: int, park: torch.device | str | None) -> Tensor:
     dec, cfg = model.decoder, model.config
     device, groups, f = _device_of(model), cfg.norm_groups, cfg.downsample_factor
-    park = _park_device(device, _parked_bytes(model, f * z.shape[-2], f * z.shape[-1]), park)
-    run = _Runner(device, park, tile, cfg.ch * cfg.ch_mult[0], groups)
+    parking = _parking(model, f * z.shape[-2], f * z.shape[-1], park)
+    run = _Runner(device, parking, tile, cfg.ch * cfg.ch_mult[0], groups)
     h = dec.mid(dec.conv_in(model.post_quant_conv(z.to(device, _dtype_of(model)))))  # whole: cheap, global attention
-    x, stats = _parked(h, park), GroupStats.of(h, groups)
+    x, stats = parking.of(h), GroupStats.of(h, groups)
     del h
     for level in reversed(dec.up):
         for block in level.block:
@@ -290,22 +356,24 @@ def _decode_one_exact(model: AutoencoderKL, z: Tensor, tile: int, park: torch.de
         if level.upsample is not None:
             x, stats = run.conv(x, level.upsample.conv, "up")
     image, _ = run.conv(x, dec.conv_out, norm=(dec.norm_out, stats), stats=False)
-    return image
+    return image.to(device, memory_format=torch.contiguous_format)
 
 
-def _encode_one_exact(model: AutoencoderKL, x: Tensor, tile: int, park: torch.device | None) -> Tensor:
+def _encode_one_exact(model: AutoencoderKL, x: Tensor, tile: int, park: torch.device | str | None) -> Tensor:
     enc, cfg = model.encoder, model.config
     device, groups = _device_of(model), cfg.norm_groups
-    park = _park_device(device, _parked_bytes(model, x.shape[-2], x.shape[-1]), park)
-    run = _Runner(device, park, tile, cfg.ch * cfg.ch_mult[0], groups)
-    x = x.to(_dtype_of(model)) if park == "disk" else x.to(park, _dtype_of(model))  # 3 channels: stays in memory
+    parking = _parking(model, x.shape[-2], x.shape[-1], park)
+    run = _Runner(device, parking, tile, cfg.ch * cfg.ch_mult[0], groups)
+    # the 3-channel image stays in memory (on the device unless maps are parked elsewhere)
+    x = x.to(parking.park if isinstance(parking.park, torch.device) else device, _dtype_of(model),
+             memory_format=CHANNELS_LAST)
     h, stats = run.conv(x, enc.conv_in)
     for level in enc.down:
         for block in level.block:
             h, stats = run.resblock(block, h, stats)
         if level.downsample is not None:
             h, stats = run.conv(h, level.downsample.conv, "down")
-    return _encoder_tail(model, h.to(device))
+    return _encoder_tail(model, h.to(device, memory_format=torch.contiguous_format))
 
 
 def _encoder_tail(model: AutoencoderKL, h: Tensor) -> Tensor:

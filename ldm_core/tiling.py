@@ -70,9 +70,13 @@ class GroupStats:
         b, c = x.shape[:2]
         if c % self.groups:
             raise ValueError(f"{c} channels do not split into {self.groups} groups")
-        xg = x.reshape(b, self.groups, -1)
-        n = xg.shape[-1]
-        var, mean = torch.var_mean(xg.float(), dim=-1, correction=0)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # channels last: group g's values are [:, :, g, :] of [B, H·W, G, C/G], no copy
+            xg, dims = x.permute(0, 2, 3, 1).reshape(b, -1, self.groups, c // self.groups), (1, 3)
+        else:
+            xg, dims = x.reshape(b, self.groups, -1), (-1,)
+        n = x[0, 0].numel() * (c // self.groups)
+        var, mean = torch.var_mean(xg.float(), dim=dims, correction=0)
         mean, m2 = mean.double().cpu(), var.double().cpu() * n
         total = self.count + n
         delta = mean - self.mean

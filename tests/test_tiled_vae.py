@@ -16,7 +16,7 @@ from ldm_core.model import VAE
 from ldm_core.parking import DiskMap
 from ldm_core.presets import PRESETS, shrink
 from ldm_core.synth import random_state_dict
-from ldm_core.tiled_vae import TileOptions, TilingError, decode_tiled, encode_tiled
+from ldm_core.tiled_vae import TileOptions, TilingError, auto_tile, decode_tiled, encode_tiled
 from ldm_core.tiling import GroupStats, grid, spans
 from ldm_core.vae import AutoencoderKL
 
@@ -62,11 +62,21 @@ def test_spans_cover_the_axis_once_within_the_tile(size, tile, align):
     assert all(a % align == 0 for a, _ in s)
 
 
-def test_group_stats_merged_over_tiles_equal_whole_map_statistics():
+def test_auto_tile_follows_free_memory_up_to_a_cap():
+    model = vae(SD_NARROW)  # widest full-resolution width 64: 1 KiB per pixel of working set
+    assert SD_NARROW.ch * max(SD_NARROW.ch_mult[:2]) == 64
+    cpu = torch.device("cpu")
+    assert auto_tile(model, cpu, free=2 << 30) == 256  # 64 MiB budget: sqrt(64 Mi / 1 Ki) = 256
+    assert auto_tile(model, cpu, free=64 << 30) == 512  # capped at 256 MiB
+    assert auto_tile(model, cpu, free=0) == 160  # floor 32 MiB: sqrt(32 Mi / 1 Ki) = 181 → 160
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_group_stats_merged_over_tiles_equal_whole_map_statistics(memory_format):
     x = torch.randn(2, 16, 37, 53, generator=torch.Generator().manual_seed(3)) * 3 + 5
     stats = GroupStats(2, 4)
     for y0, y1, x0, x1 in grid(37, 53, 10):
-        stats.add(x[:, :, y0:y1, x0:x1].contiguous())
+        stats.add(x[:, :, y0:y1, x0:x1].contiguous(memory_format=memory_format))
     ref = x.double().reshape(2, 4, -1)
     assert torch.allclose(stats.mean, ref.mean(-1), rtol=0, atol=1e-6)
     assert torch.allclose(stats.var, ref.var(-1, correction=0), rtol=1e-6, atol=0)
@@ -113,15 +123,40 @@ def test_exact_tiling_equals_untiled_in_the_sd_layout(config, shape, tile):
     assert d_dec <= TOL and d_enc <= TOL
 
 
-def test_parking_on_disk_gives_the_same_bits_as_in_memory(narrow):
+@pytest.mark.parametrize("park", ["disk", "hybrid"])
+def test_parking_on_disk_gives_the_same_bits_as_in_memory(narrow, park):
     z, x = latent(21, 26, seed=2), image(84, 104, seed=2)
     with torch.inference_mode():
         mem = decode_tiled(narrow, z, TileOptions(40, park="cpu"))
-        disk = decode_tiled(narrow, z, TileOptions(40, park="disk"))
+        disk = decode_tiled(narrow, z, TileOptions(40, park=park))
         enc_mem = encode_tiled(narrow, x, TileOptions(40, park="cpu")).mean
-        enc_disk = encode_tiled(narrow, x, TileOptions(40, park="disk")).mean
+        enc_disk = encode_tiled(narrow, x, TileOptions(40, park=park)).mean
     assert torch.equal(mem, disk) and torch.equal(enc_mem, enc_disk)
     assert max_diff(disk, narrow.decode(z)) <= TOL
+
+
+def test_hybrid_parking_keeps_the_maps_in_memory_within_one_full_resolution_map(narrow, monkeypatch):
+    """Maps go to memory while the live ones stay within the budget (one full-resolution map of
+    the first width), the rest to disk; the count drops as maps are freed (views keep theirs)."""
+    import ldm_core.tiled_vae as tv
+
+    seen = {"peak": 0, "disk": 0, "memory": 0, "budget": 0}
+    real = tv._Parking._in_memory
+
+    def spy(self, nbytes):
+        where = real(self, nbytes)
+        seen["budget"] = self.budget
+        seen["disk" if where is None else "memory"] += 1
+        seen["peak"] = max(seen["peak"], self.live)
+        return where
+
+    monkeypatch.setattr(tv._Parking, "_in_memory", spy)
+    z = latent(21, 26, seed=3)
+    with torch.inference_mode():
+        out = decode_tiled(narrow, z, TileOptions(40, park="hybrid"))
+    assert seen["budget"] == NARROW.ch * NARROW.ch_mult[0] * 84 * 104 * 4
+    assert seen["disk"] >= 1 and seen["memory"] >= 1 and 0 < seen["peak"] <= seen["budget"]
+    assert max_diff(out, narrow.decode(z)) <= TOL
 
 
 def test_disk_map_round_trips_windows_bit_for_bit():
