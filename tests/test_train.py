@@ -207,13 +207,54 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
     """`ldm-train all` (the shipped model's command) at one step per stage: a file that loads."""
     from ldm_core.train import __main__ as cli
 
-    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "stage2": 1, "refine": 1})
+    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "stage2": 1, "continue": 1, "refine": 1})
     out = tmp_path / "m.safetensors"
     assert cli.main(["all", "--run", str(tmp_path / "run"), "--sample-every", "0", "--batch-size", "2",
                      "--to", str(out)]) == 0
     ckpt = load_checkpoint(out, device="cpu")
     assert ckpt.layout_encoder is not None and ckpt.vae.factor == 4
     assert (tmp_path / "run" / "stage1_refine" / "state.json").is_file()
+    meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["ldm_core.train_steps"])
+    assert meta == {"autoencoder": 1, "diffusion": 2}  # stage 2, then one continued step (exported)
+
+
+def test_continue_starts_from_the_saved_run_and_trains_on(stage1_run, stage2_run, tmp_path):
+    """`ldm-train continue`: the weights, EMA weights and latent scale of the stage-2 run, a fresh
+    optimizer and schedule; it trains on, resumes, and the export counts both runs' steps."""
+    folder2, stage, _ = stage2_run
+    config = DIFF_CONFIG.replace(snr_gamma=5.0, lr=5e-4, lr_steps=4, data_seed=3, init_seed=3)
+    more = DiffusionStage(tmp_path / "more", stage.ae, config, SCENES, init=folder2)
+    saved = load_file(str(folder2 / STATE_TENSORS))
+    for name, module in more.modules.items():
+        assert all(torch.equal(v, saved[f"model.{name}.{k}"]) for k, v in module.state_dict().items())
+        assert all(torch.equal(v, saved[f"ema.{name}.{k}"]) for k, v in more.emas[name].state_dict().items())
+    assert more.latent_scale == stage.latent_scale and more.init_steps == 24
+    more.run(2, progress=False)
+    again = DiffusionStage(tmp_path / "more", stage.ae, config, SCENES, init=folder2)
+    assert again.resume() and again.step == 2 and again.init_steps == 24
+    assert not torch.equal(again.unet.out[-1].weight, saved["model.unet.out.2.weight"])
+    path = export_checkpoint(stage1_run[0], tmp_path / "more", tmp_path / "m.safetensors", dtype=torch.float32)
+    meta = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["ldm_core.train_steps"])
+    assert meta["diffusion"] == 26
+    with pytest.raises(ValueError, match="architecture"):
+        DiffusionStage(tmp_path / "other", stage.ae, config.replace(unet=TINY_UNET.replace(model_channels=32),
+                                                                     text=TINY_TEXT), SCENES, init=folder2)
+
+
+def test_min_snr_loss_weights_known_answers():
+    """min-SNR-γ: w_t = min(SNR_t, γ) / SNR_t, SNR_t = ᾱ_t / (1 − ᾱ_t); γ = 0 keeps the plain loss."""
+    from ldm_core.schedule import make_betas
+
+    abar = torch.cumprod(1 - make_betas(ScheduleConfig()), 0)
+    snr = abar / (1 - abar)
+    stage = DiffusionStage("/nonexistent", build_autoencoder(TINY_VAE, 0), DIFF_CONFIG.replace(snr_gamma=5.0), SCENES)
+    w = stage.loss_weight
+    assert w[0].item() == pytest.approx(5.0 / snr[0].item(), rel=1e-5) and w[0] < 0.01  # nearly clean: down-weighted
+    assert w[-1].item() == 1.0 and snr[-1] < 5  # pure noise: full weight
+    t = int((snr > 5).sum())  # SNR falls with t: the first step at or below γ
+    assert w[t - 1] < 1 and w[t].item() == 1.0
+    plain = DiffusionStage("/nonexistent", build_autoencoder(TINY_VAE, 0), DIFF_CONFIG, SCENES)
+    assert torch.equal(plain.loss_weight, torch.ones(1000))
 
 
 def test_cosine_lr_known_answers():

@@ -2,6 +2,7 @@
 
     ldm-train stage1 --run runs/scenes --steps 4000      # autoencoder  → runs/scenes/stage1
     ldm-train stage2 --run runs/scenes --steps 12000     # diffusion    → runs/scenes/stage2
+    ldm-train continue --run runs/scenes --steps 3600    # diffusion on from stage2 → runs/scenes/stage2_continue
     ldm-train refine --run runs/scenes --steps 1000      # decoder only, frozen encoder → runs/scenes/stage1_refine
     ldm-train export --run runs/scenes --to models/scenes.safetensors
     ldm-train all --run runs/scenes                       # all of the above with the shipped step counts
@@ -48,6 +49,14 @@ def _stage2(args: argparse.Namespace):
     return DiffusionStage(Path(args.run) / "stage2", ae, config)
 
 
+def _continue(args: argparse.Namespace):
+    from .diffusion import CONTINUE, DiffusionStage, DiffusionTrainConfig, load_stage1
+
+    ae, _ = load_stage1(Path(args.run) / "stage1")
+    config = _batch(DiffusionTrainConfig(data_seed=args.seed + 3, init_seed=args.seed + 3, **CONTINUE), args)
+    return DiffusionStage(Path(args.run) / "stage2_continue", ae, config, init=Path(args.run) / "stage2")
+
+
 def _train(make, args: argparse.Namespace) -> int:
     stage = make(args)
     if stage.resume():
@@ -59,15 +68,17 @@ def _train(make, args: argparse.Namespace) -> int:
 
 
 # The step counts of the shipped ldm_core/data/ldm-scenes.safetensors (`ldm-train all`).
-SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "refine": 1000}
+# `continue` runs to the end of its cosine (diffusion.CONTINUE["lr_steps"]).
+SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "continue": None, "refine": 1000}
 
 
 def _all(args: argparse.Namespace) -> int:
     """Every stage to the shipped step count, then the export (each stage resumes if interrupted)."""
     from .. import embedded
+    from .diffusion import CONTINUE
 
-    for name, make in (("stage1", _stage1), ("stage2", _stage2), ("refine", _refine)):
-        args.steps = SHIPPED_STEPS[name]
+    for name, make in (("stage1", _stage1), ("stage2", _stage2), ("continue", _continue), ("refine", _refine)):
+        args.steps = SHIPPED_STEPS[name] or CONTINUE["lr_steps"]
         _train(make, args)
     args.to = args.to or str(embedded.EMBEDDED_PATH)
     return _export(args)
@@ -105,8 +116,9 @@ def _export(args: argparse.Namespace) -> int:
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     run = Path(args.run)
     stage1 = run / "stage1_refine" if (run / "stage1_refine" / "state.json").is_file() else run / "stage1"
-    print(f"autoencoder from {stage1}", file=sys.stderr)
-    path = export_checkpoint(stage1, run / "stage2", args.to, dtype=dtype)
+    stage2 = run / "stage2_continue" if (run / "stage2_continue" / "state.json").is_file() else run / "stage2"
+    print(f"autoencoder from {stage1}, diffusion from {stage2}", file=sys.stderr)
+    path = export_checkpoint(stage1, stage2, args.to, dtype=dtype)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -115,17 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ldm-train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"stage1": "train the autoencoder", "stage2": "train the diffusion model",
+             "continue": "train the diffusion model further from stage2 with a fresh schedule (min-SNR loss)",
              "refine": "train the autoencoder's decoder further on its frozen encoder"}
 
     def run_args(p: argparse.ArgumentParser, save_every: int, sample_every: int) -> None:
-        p.add_argument("--run", required=True, help="run folder (stage1/, stage2/, stage1_refine/ live inside)")
+        p.add_argument("--run", required=True, help="run folder (stage1/, stage2/, stage2_continue/, stage1_refine/ live inside)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--batch-size", type=int, default=None)
         p.add_argument("--log-every", type=int, default=10)
         p.add_argument("--save-every", type=int, default=save_every)
         p.add_argument("--sample-every", type=int, default=sample_every)
 
-    for name in ("stage1", "stage2", "refine"):
+    for name in ("stage1", "stage2", "continue", "refine"):
         p = sub.add_parser(name, help=helps[name])
         run_args(p, 500, 1000)
         p.add_argument("--steps", type=int, required=True, help="total steps to reach (resumes)")
@@ -144,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(_stage1, args)
     if args.command == "stage2":
         return _train(_stage2, args)
+    if args.command == "continue":
+        return _train(_continue, args)
     if args.command == "refine":
         return _train(_refine, args)
     if args.command == "export":

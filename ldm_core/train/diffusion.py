@@ -84,9 +84,16 @@ class DiffusionTrainConfig(_Config):
     layout_fraction: float = 0.25  # of each batch, conditioned on text + layout tokens
     layout_caption_prob: float = 0.5  # those keep their caption with this probability, else ""
     ema_decay: float = 0.995
+    snr_gamma: float = 0.0  # > 0: min-SNR-γ loss weights min(SNR_t, γ) / SNR_t (Hang et al. 2023); 0: plain ε loss
     data_seed: int = 0
     init_seed: int = 1
     latent_scale_scenes: int = 256  # training scenes whose latents set the scale
+
+
+# Continuing stage 2 (`ldm-train continue`): from the stage-2 weights and EMA, a fresh warm-up
+# and cosine, min-SNR-5 weighting (more of the gradient on the noisy steps that decide shape
+# and place), a slower EMA.
+CONTINUE = dict(lr=5e-4, lr_warmup=100, lr_steps=3600, lr_final=1e-5, snr_gamma=5.0, ema_decay=0.998)
 
 
 def encode_text(encoder: ClipTextEncoder, tokens: torch.Tensor) -> torch.Tensor:
@@ -161,7 +168,9 @@ class DiffusionStage(Stage):
     name = "diffusion"
 
     def __init__(self, folder: str | Path, autoencoder: AutoencoderKL, config: DiffusionTrainConfig = DiffusionTrainConfig(),
-                 scenes: SceneConfig = SceneConfig()) -> None:
+                 scenes: SceneConfig = SceneConfig(), init: str | Path | None = None) -> None:
+        """`init`: a finished diffusion run folder to continue from (its weights, EMA weights and
+        latent scale; a fresh optimizer and learning-rate schedule from this config)."""
         super().__init__(folder, config.init_seed)
         if config.unet.context_dim != config.text.hidden_size:
             raise ValueError(f"DiffusionTrainConfig: unet.context_dim ({config.unet.context_dim}) must equal "
@@ -184,17 +193,37 @@ class DiffusionStage(Stage):
         self.tokens = PromptTokens(config.text)
         abar = torch.cumprod(1 - make_betas(config.schedule), dim=0)
         self.sqrt_abar, self.sqrt_one_minus_abar = abar.sqrt().float(), (1 - abar).sqrt().float()
+        snr = abar / (1 - abar)
+        self.loss_weight = (snr.clamp(max=config.snr_gamma) / snr).float() if config.snr_gamma > 0 else torch.ones_like(snr).float()
         self.latent_scale: float | None = None
+        self.init_steps = 0  # steps of the run(s) this one continues
+        if init is not None:
+            self._continue_from(Path(init))
+
+    def _continue_from(self, folder: Path) -> None:
+        tensors, doc = read_state(folder)
+        if doc.get("stage") != self.name:
+            raise ValueError(f"{folder} is a {doc.get('stage')!r} run; continuing needs a diffusion run folder")
+        saved = DiffusionTrainConfig.from_dict(doc["config"])
+        if (saved.unet, saved.text, saved.layout, saved.schedule) != (self.config.unet, self.config.text,
+                                                                        self.config.layout, self.config.schedule):
+            raise ValueError(f"{folder}: its model architecture or schedule differs from this config; cannot continue")
+        for name, module in self.modules.items():
+            module.load_state_dict(sub_state(tensors, f"model.{name}."), strict=True)
+            self.emas[name].load_state_dict(sub_state(tensors, f"ema.{name}."))
+        self.latent_scale = doc["latent_scale"]
+        self.init_steps = int(doc["step"]) + int(doc.get("init_steps", 0))
 
     def info(self) -> dict:
         return {"config": self.config.to_dict(), "scenes": scene_config_to_dict(self.scenes),
-                "latent_scale": self.latent_scale}
+                "latent_scale": self.latent_scale, "init_steps": self.init_steps}
 
     def restore_info(self, doc: dict) -> None:
         if DiffusionTrainConfig.from_dict(doc["config"]) != self.config or scene_config_from_dict(doc["scenes"]) != self.scenes:
             raise ValueError(f"{self.folder}: the saved run used another config; resume with the same settings "
                              "or start in a new folder")
         self.latent_scale = doc["latent_scale"]
+        self.init_steps = int(doc.get("init_steps", 0))
 
     @torch.no_grad()
     def measure_latent_scale(self) -> float:
@@ -236,12 +265,13 @@ class DiffusionStage(Stage):
         n_text = b - n_layout
         # text alone (classifier-free dropout to ""), then text-or-"" with the layout tokens
         captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
-        sq_err = F.mse_loss(self.unet(zt[:n_text], t[:n_text], self.context(captions[:n_text], self.text)),
-                            eps[:n_text], reduction="sum")
+        w = self.loss_weight[t].view(-1, 1, 1, 1)
+        sq_err = (w[:n_text] * (self.unet(zt[:n_text], t[:n_text], self.context(captions[:n_text], self.text))
+                                - eps[:n_text]).square()).sum()
         if n_layout:
             captions = [c if k else "" for k, c in zip(keep.tolist()[n_text:], batch.captions[n_text:])]
             ctx = self.context(captions, self.text, self.layout, batch.scenes[n_text:])
-            sq_err = sq_err + F.mse_loss(self.unet(zt[n_text:], t[n_text:], ctx), eps[n_text:], reduction="sum")
+            sq_err = sq_err + (w[n_text:] * (self.unet(zt[n_text:], t[n_text:], ctx) - eps[n_text:]).square()).sum()
         loss = sq_err / eps.numel()
         opt = self.optimizers["main"]
         c = self.config

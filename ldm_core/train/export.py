@@ -59,7 +59,7 @@ def export_checkpoint(stage1: str | Path, stage2: str | Path, path: str | Path, 
                                  cast(sub_state(t2, "ema.text."), dtype),
                                  cast(sub_state(t2, "ema.layout."), dtype) if train.layout is not None else None)
     meta = {CONFIG_METADATA_KEY: json.dumps(config.to_dict()), "ldm_core.train_steps": json.dumps(
-        {"autoencoder": doc1["step"], "diffusion": doc2["step"]}), **(extra_metadata or {})}
+        {"autoencoder": doc1["step"], "diffusion": doc2["step"] + doc2.get("init_steps", 0)}), **(extra_metadata or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
