@@ -69,6 +69,7 @@ def test_auto_tile_follows_free_memory_up_to_a_cap():
     assert auto_tile(model, cpu, free=2 << 30) == 256  # 64 MiB budget: sqrt(64 Mi / 1 Ki) = 256
     assert auto_tile(model, cpu, free=64 << 30) == 512  # capped at 256 MiB
     assert auto_tile(model, cpu, free=0) == 160  # floor 32 MiB: sqrt(32 Mi / 1 Ki) = 181 → 160
+    assert auto_tile(model, cpu, free=64 << 30, mode="fast") == 1024  # fast: capped at 1 GiB
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
