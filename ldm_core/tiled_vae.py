@@ -140,11 +140,10 @@ def _park_device(device: torch.device, bytes_needed: int, hybrid_bytes: int, par
     halves the peak memory (bench/tiled_vae.py), so it is the default there."""
     if park is not None:
         return park if park in ("disk", "hybrid") else torch.device(park)
-    if device.type != "cpu" and bytes_needed < free_memory(device) // 2:
-        return device
-    cpu = torch.device("cpu")
-    if device.type != "cpu" and bytes_needed < free_memory(cpu) // 2:
-        return cpu
+    if device.type != "cpu":
+        for where in (device, torch.device("cpu")):
+            if bytes_needed < free_memory(where) // 2:
+                return where
     return "hybrid" if hybrid_bytes < free_memory(device) // 2 else "disk"
 
 
@@ -322,10 +321,12 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _full_res_map_bytes(model: AutoencoderKL, height: int, width: int) -> int:
-    """Bytes of one height × width map of the widest full-resolution width (the decoder's upsampled input)."""
-    widest = model.config.ch * max(model.config.ch_mult[:2])
-    return widest * height * width * torch.finfo(_dtype_of(model)).bits // 8
+def _full_res_map_bytes(model: AutoencoderKL, height: int, width: int, widest: bool = True) -> int:
+    """Bytes of one height × width map of the widest full-resolution width (the decoder's upsampled
+    input), or with `widest` False of the first width (ch · ch_mult[0])."""
+    cfg = model.config
+    channels = cfg.ch * (max(cfg.ch_mult[:2]) if widest else cfg.ch_mult[0])
+    return channels * height * width * torch.finfo(_dtype_of(model)).bits // 8
 
 
 def _parked_bytes(model: AutoencoderKL, height: int, width: int) -> int:
@@ -341,8 +342,8 @@ def untiled_bytes(model: AutoencoderKL, height: int, width: int) -> int:
 def _parking(model: AutoencoderKL, height: int, width: int, park: torch.device | str | None) -> _Parking:
     """Where the maps of a height × width (image px) decode or encode wait; the hybrid budget is
     one full-resolution map of the model's first width."""
-    device, cfg = _device_of(model), model.config
-    first = cfg.ch * cfg.ch_mult[0] * height * width * torch.finfo(_dtype_of(model)).bits // 8
+    device = _device_of(model)
+    first = _full_res_map_bytes(model, height, width, widest=False)
     return _Parking(_park_device(device, _parked_bytes(model, height, width), first, park), device, first)
 
 

@@ -75,7 +75,7 @@ class GroupStats:
             xg, dims = x.permute(0, 2, 3, 1).reshape(b, -1, self.groups, c // self.groups), (1, 3)
         else:
             xg, dims = x.reshape(b, self.groups, -1), (-1,)
-        n = x[0, 0].numel() * (c // self.groups)
+        n = math.prod(x.shape[2:]) * (c // self.groups)
         var, mean = torch.var_mean(xg.float(), dim=dims, correction=0)
         mean, m2 = mean.double().cpu(), var.double().cpu() * n
         total = self.count + n
