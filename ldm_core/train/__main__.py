@@ -114,9 +114,11 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    from .state import has_state
+
     run = Path(args.run)
-    stage1 = run / "stage1_refine" if (run / "stage1_refine" / "state.json").is_file() else run / "stage1"
-    stage2 = run / "stage2_continue" if (run / "stage2_continue" / "state.json").is_file() else run / "stage2"
+    stage1 = run / "stage1_refine" if has_state(run / "stage1_refine") else run / "stage1"
+    stage2 = run / "stage2_continue" if has_state(run / "stage2_continue") else run / "stage2"
     print(f"autoencoder from {stage1}, diffusion from {stage2}", file=sys.stderr)
     path = export_checkpoint(stage1, stage2, args.to, dtype=dtype)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

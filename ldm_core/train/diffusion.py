@@ -43,7 +43,7 @@ from ..vae import AutoencoderKL
 from .data import heldout_batch, scene_batch, scene_config_from_dict, scene_config_to_dict
 from .ema import EMA
 from .loop import Stage, cosine_lr, image_grid, seeded
-from .state import read_state, sub_state
+from .state import load_weights, read_state, sub_state
 
 SCENES_TEXT = TextEncoderConfig(
     name="clip_scenes", hidden_size=64, num_layers=2, num_heads=1, intermediate_size=256, vocab_size=49408,
@@ -208,9 +208,7 @@ class DiffusionStage(Stage):
         if (saved.unet, saved.text, saved.layout, saved.schedule) != (self.config.unet, self.config.text,
                                                                         self.config.layout, self.config.schedule):
             raise ValueError(f"{folder}: its model architecture or schedule differs from this config; cannot continue")
-        for name, module in self.modules.items():
-            module.load_state_dict(sub_state(tensors, f"model.{name}."), strict=True)
-            self.emas[name].load_state_dict(sub_state(tensors, f"ema.{name}."))
+        load_weights(tensors, self.modules, self.emas)
         self.latent_scale = doc["latent_scale"]
         self.init_steps = int(doc["step"]) + int(doc.get("init_steps", 0))
 
@@ -266,12 +264,15 @@ class DiffusionStage(Stage):
         # text alone (classifier-free dropout to ""), then text-or-"" with the layout tokens
         captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
         w = self.loss_weight[t].view(-1, 1, 1, 1)
-        sq_err = (w[:n_text] * (self.unet(zt[:n_text], t[:n_text], self.context(captions[:n_text], self.text))
-                                - eps[:n_text]).square()).sum()
+
+        def weighted_sq_err(part: slice, ctx: torch.Tensor) -> torch.Tensor:
+            return (w[part] * (self.unet(zt[part], t[part], ctx) - eps[part]).square()).sum()
+
+        sq_err = weighted_sq_err(slice(0, n_text), self.context(captions[:n_text], self.text))
         if n_layout:
             captions = [c if k else "" for k, c in zip(keep.tolist()[n_text:], batch.captions[n_text:])]
             ctx = self.context(captions, self.text, self.layout, batch.scenes[n_text:])
-            sq_err = sq_err + (w[n_text:] * (self.unet(zt[n_text:], t[n_text:], ctx) - eps[n_text:]).square()).sum()
+            sq_err = sq_err + weighted_sq_err(slice(n_text, b), ctx)
         loss = sq_err / eps.numel()
         opt = self.optimizers["main"]
         c = self.config

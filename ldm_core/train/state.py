@@ -85,14 +85,19 @@ def sub_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_state(folder: Path, *, modules: dict[str, torch.nn.Module], emas: dict[str, Any],
-               optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator) -> dict:
-    """Restore everything `save_state` wrote; returns the JSON document (step, info)."""
-    tensors, doc = read_state(folder)
+def load_weights(tensors: dict[str, torch.Tensor], modules: dict[str, torch.nn.Module], emas: dict[str, Any]) -> None:
+    """The modules' and EMA copies' weights from a saved state's tensors (strict: every key)."""
     for name, module in modules.items():
         module.load_state_dict(sub_state(tensors, f"model.{name}."), strict=True)
     for name, ema in emas.items():
         ema.load_state_dict(sub_state(tensors, f"ema.{name}."))
+
+
+def load_state(folder: Path, *, modules: dict[str, torch.nn.Module], emas: dict[str, Any],
+               optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator) -> dict:
+    """Restore everything `save_state` wrote; returns the JSON document (step, info)."""
+    tensors, doc = read_state(folder)
+    load_weights(tensors, modules, emas)
     for name, opt in optimizers.items():
         optimizer_from_flat(name, opt, tensors, doc["optimizers"][name])
     generator.set_state(tensors["rng"])
