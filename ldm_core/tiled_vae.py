@@ -86,6 +86,12 @@ class TileOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise TilingError(f"tiled VAE mode must be one of {MODES}, got {self.mode!r}")
+        if isinstance(self.park, str) and self.park not in ("disk", "hybrid"):
+            try:
+                torch.device(self.park)
+            except RuntimeError:
+                raise TilingError(f"tiled VAE park must be a device (\"cpu\", \"cuda\"), \"disk\", \"hybrid\" "
+                                  f"or None (automatic), got {self.park!r}") from None
         if self.tile is not None and not MIN_TILE // 2 <= self.tile <= MAX_TILE * 4:
             raise TilingError(f"tile size {self.tile} px is out of range; "
                               f"use {MIN_TILE}..{MAX_TILE} (or None: automatic)")

@@ -267,6 +267,8 @@ def test_bad_arguments_say_what_to_do(narrow):
         TileOptions(128, "blurry")  # type: ignore[arg-type]
     with pytest.raises(TilingError, match="tile size"):
         TileOptions(5)
+    with pytest.raises(TilingError, match="park must be a device"):
+        TileOptions(128, park="ram")
     with pytest.raises(TilingError, match="divisible by 4"):
         encode_tiled(narrow, torch.zeros(1, 3, 30, 32))
     with pytest.raises(TilingError, match="latent must be"):
