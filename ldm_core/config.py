@@ -260,3 +260,7 @@ class ModelConfig(_Config):
     # Layout-to-image: a box-layout encoder whose tokens the UNet's cross-attention also reads
     # (weights under `layout_stage_model.`); None for text-only models.
     layout: LayoutEncoderConfig | None = None
+    # The UNet input also carries two coordinate channels, x and y running −1 → 1 across the
+    # latent (CoordConv, Liu et al. 2018), appended after the latent (and any concat input):
+    # cross-attention can then tie position words and boxes to places. unet.in_channels counts them.
+    coord_channels: bool = False

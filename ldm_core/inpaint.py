@@ -40,8 +40,9 @@ CONCAT_LATENT, CONCAT_MASK, CONCAT = "concat_latent_image", "concat_mask", "conc
 
 
 def concat_channels(config: ModelConfig) -> int:
-    """Extra UNet input channels beyond the latent (5 for inpainting models, 0 otherwise)."""
-    return config.unet.in_channels - config.unet.out_channels
+    """Extra UNet input channels beyond the latent that conditioning supplies (5 for inpainting
+    models, 0 otherwise); a model's own coordinate channels are not among them."""
+    return config.unet.in_channels - config.unet.out_channels - 2 * config.coord_channels
 
 
 def is_inpaint_model(config: ModelConfig) -> bool:

@@ -64,7 +64,7 @@ class DiffusionModel:
         """D(x, σ). With patches, the UNet it calls merges them once (at its first call) and
         swaps them in around each forward, so the shared UNet is never left patched."""
         unet = PatchedModule(self.unet, self.patches) if self.patches else self.unet
-        return Denoiser(unet, self.schedule, self.config.prediction, self.dtype)
+        return Denoiser(unet, self.schedule, self.config.prediction, self.dtype, self.config.coord_channels)
 
     def with_patches(self, patches: list[WeightPatch] | tuple[WeightPatch, ...]) -> "DiffusionModel":
         """A view of the same UNet with `patches` added after this view's own (LoRAs stack)."""

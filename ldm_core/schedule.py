@@ -40,6 +40,15 @@ def _rescale_zero_terminal_snr(sigmas: torch.Tensor) -> torch.Tensor:
     return ((1 - abar) / abar) ** 0.5
 
 
+def alphas_cumprod(config: ScheduleConfig) -> torch.Tensor:
+    """ᾱ_1..ᾱ_T in float64 as training noises with: Π(1 − β), rescaled to zero terminal SNR
+    when the config says so (ᾱ_T then 4.9e-8, the finite stand-in `DiscreteSchedule` uses)."""
+    abar = torch.cumprod(1 - make_betas(config), dim=0)
+    if config.zero_terminal_snr:
+        abar = 1 / (_rescale_zero_terminal_snr(((1 - abar) / abar) ** 0.5) ** 2 + 1)
+    return abar
+
+
 class DiscreteSchedule:
     """σ_t of a trained discrete-time model, with σ ↔ t conversion.
 

@@ -348,3 +348,17 @@ def test_inpaint_model_graph_of_core_nodes(dirs):
     assert torch.equal(out[0][box][m == 0], padded[0][box][m == 0])
     assert not torch.equal(out[0][box][m == 1], padded[0][box][m == 1])
     assert torch.equal(out[0, 0], padded[0, 0]) and torch.equal(out[0, :, 81:], padded[0, :, 81:])
+
+
+def test_coordinate_channels_are_not_concat_inputs():
+    """A coord_channels model (the embedded one) has 2 inputs beyond the latent that it makes
+    itself: plain (non-inpaint) conditioning is left as is, no "concat" is asked for."""
+    from ldm_core.config import ModelConfig, UNetConfig
+    from ldm_core.inpaint import concat_channels, is_inpaint_model, with_concat
+
+    config = ModelConfig(unet=UNetConfig(in_channels=6), coord_channels=True)
+    assert concat_channels(config) == 0 and not is_inpaint_model(config)
+    conds = [Cond(context=torch.zeros(1, 77, 768))]
+    assert with_concat(config, conds, (1, 4, 8, 8), None, None) == conds
+    with pytest.raises(inpaint.MaskError, match="2 extra input channels"):
+        with_concat(ModelConfig(unet=UNetConfig(in_channels=6)), conds, (1, 4, 8, 8), None, None)

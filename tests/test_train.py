@@ -104,6 +104,58 @@ def test_training_noising_is_the_engines_sigma():
     assert torch.allclose(sigma, DiscreteSchedule(ScheduleConfig()).sigmas, rtol=1e-5)
 
 
+def test_zero_terminal_snr_training_noising_is_the_engines_sigma():
+    """With zero_terminal_snr the training ᾱ_t are those of the sampler's rescaled σ_t, ᾱ_0 is
+    unchanged and ᾱ_T is the finite stand-in 4.9e-8 (no signal left at the last step)."""
+    config = DIFF_CONFIG.replace(schedule=ScheduleConfig(zero_terminal_snr=True), prediction="v")
+    stage = DiffusionStage("/nonexistent", build_autoencoder(TINY_VAE, 0), config, SCENES)
+    sigma = stage.sqrt_one_minus_abar / stage.sqrt_abar
+    assert torch.allclose(sigma, DiscreteSchedule(config.schedule).sigmas, rtol=1e-5)
+    plain = DiffusionStage("/nonexistent", build_autoencoder(TINY_VAE, 0), DIFF_CONFIG, SCENES)
+    assert stage.sqrt_abar[0].item() == pytest.approx(plain.sqrt_abar[0].item(), rel=1e-6)
+    assert stage.sqrt_abar[-1].item() ** 2 == pytest.approx(4.8973451890853435e-08, rel=1e-4)
+    assert plain.sqrt_abar[-1].item() > 0.06  # the SD schedule keeps 6.8% of the signal at t = T
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_training_target_is_what_the_engine_denoiser_inverts(prediction):
+    """A network that returns exactly the training target makes the engine's Denoiser give back
+    z0 at every t (both parametrizations, both schedules): training and sampling agree."""
+    from ldm_core.sampling import Denoiser
+
+    for schedule in (ScheduleConfig(), ScheduleConfig(zero_terminal_snr=True)):
+        config = DIFF_CONFIG.replace(schedule=schedule, prediction=prediction)
+        stage = DiffusionStage("/nonexistent", build_autoencoder(TINY_VAE, 0), config, SCENES)
+        g = torch.Generator().manual_seed(0)
+        t = torch.tensor([0, 250, 500, 900, 990] + ([] if prediction == "eps" and schedule.zero_terminal_snr else [999]))
+        z0, eps = torch.randn(len(t), 4, 8, 8, generator=g), torch.randn(len(t), 4, 8, 8, generator=g)
+        zt, target = stage.noised(z0, t, eps)
+        ds = DiscreteSchedule(schedule)
+        oracle = lambda x, t_, ctx, y=None: target  # noqa: E731  (checks it was asked at the trained t)
+        den = Denoiser(oracle, ds, prediction, torch.float32)
+        sigma = ds.sigmas[t]
+        x = zt / stage.sqrt_abar[t].view(-1, 1, 1, 1)  # the variance-exploding x = z0 + σ·ε
+        got = den(x, sigma, torch.zeros(len(t), 1, 32))
+        assert ds.timestep(sigma).tolist() == t.float().tolist()
+        err = (got - z0).abs().amax(dim=(1, 2, 3))
+        assert (err <= 1e-3 * (1 + sigma)).all(), (prediction, schedule.zero_terminal_snr, err.tolist())
+
+
+def test_coordinate_channels_known_answer_and_denoiser_appends_them():
+    from ldm_core.sampling import Denoiser, with_coordinates
+
+    x = torch.zeros(2, 4, 3, 5)
+    c = with_coordinates(x)
+    assert c.shape == (2, 6, 3, 5) and torch.equal(c[:, :4], x)
+    assert c[0, 4, 0].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0] and torch.equal(c[1, 4, 2], c[0, 4, 0])  # x along width
+    assert c[0, 5, :, 0].tolist() == [-1.0, 0.0, 1.0] and torch.equal(c[0, 5, :, 4], c[0, 5, :, 0])  # y along height
+    seen = []
+    den = Denoiser(lambda inp, t, ctx, y=None: seen.append(inp) or inp[:, :4], DiscreteSchedule(ScheduleConfig()), "eps",
+                   torch.float32, coord_channels=True)
+    den(torch.ones(1, 4, 3, 5), torch.tensor([1.0]), torch.zeros(1, 1, 8))
+    assert torch.equal(seen[0][:, 4:], c[:1, 4:])
+
+
 def test_training_text_path_equals_inference_forward():
     stage = DiffusionStage("/nonexistent", build_autoencoder(TINY_VAE, 0), DIFF_CONFIG, SCENES)
     tokens = PromptTokens(TINY_TEXT)(["a red circle left of a blue square", ""])
@@ -207,7 +259,7 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
     """`ldm-train all` (the shipped model's command) at one step per stage: a file that loads."""
     from ldm_core.train import __main__ as cli
 
-    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "stage2": 1, "continue": 1, "refine": 1})
+    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "stage2": 1, "continue": 1, "place": 1, "refine": 1})
     out = tmp_path / "m.safetensors"
     assert cli.main(["all", "--run", str(tmp_path / "run"), "--sample-every", "0", "--batch-size", "2",
                      "--to", str(out)]) == 0
@@ -215,7 +267,9 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
     assert ckpt.layout_encoder is not None and ckpt.vae.factor == 4
     assert (tmp_path / "run" / "stage1_refine" / "state.json").is_file()
     meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["ldm_core.train_steps"])
-    assert meta == {"autoencoder": 1, "diffusion": 2}  # stage 2, then one continued step (exported)
+    assert meta == {"autoencoder": 1, "diffusion": 3}  # stage 2, one continued step, one placement step (exported)
+    assert ckpt.config.prediction == "v" and ckpt.config.schedule.zero_terminal_snr and ckpt.config.coord_channels
+    assert ckpt.model.schedule.sigma_max > 4000 and ckpt.config.unet.in_channels == 6
 
 
 def test_continue_starts_from_the_saved_run_and_trains_on(stage1_run, stage2_run, tmp_path):
@@ -239,6 +293,19 @@ def test_continue_starts_from_the_saved_run_and_trains_on(stage1_run, stage2_run
     with pytest.raises(ValueError, match="architecture"):
         DiffusionStage(tmp_path / "other", stage.ae, config.replace(unet=TINY_UNET.replace(model_channels=32),
                                                                      text=TINY_TEXT), SCENES, init=folder2)
+    # a fine-tune onto another schedule and prediction, with coordinate inputs added: the new
+    # conv_in columns start at zero (the same function), the rest is loaded, and loss falls on it
+    place = config.replace(schedule=ScheduleConfig(zero_terminal_snr=True), prediction="v", snr_gamma=0.0, lr_steps=8,
+                           coord_channels=True, unet=TINY_UNET.replace(in_channels=6))
+    onto = DiffusionStage(tmp_path / "place", stage.ae, place, SCENES, init=tmp_path / "more")
+    assert onto.init_steps == 26
+    w_in, old_w = onto.unet.input_blocks[0][0].weight, load_file(str(tmp_path / "more" / STATE_TENSORS))
+    assert torch.equal(w_in[:, :4], old_w["model.unet.input_blocks.0.0.weight"]) and not w_in[:, 4:].any()
+    before = onto.validation_loss(use_ema=True)
+    onto.run(8, progress=False)
+    assert onto.validation_loss(use_ema=False) < before
+    with pytest.raises(ValueError, match="removed"):
+        DiffusionStage(tmp_path / "back", stage.ae, config, SCENES, init=tmp_path / "place")
 
 
 def test_min_snr_loss_weights_known_answers():
@@ -255,6 +322,11 @@ def test_min_snr_loss_weights_known_answers():
     assert w[t - 1] < 1 and w[t].item() == 1.0
     plain = DiffusionStage("/nonexistent", build_autoencoder(TINY_VAE, 0), DIFF_CONFIG, SCENES)
     assert torch.equal(plain.loss_weight, torch.ones(1000))
+    # v-loss weighs the x0 error by SNR + 1, so min-SNR-γ for v is min(SNR, γ)/(SNR + 1)
+    v = DiffusionStage("/nonexistent", build_autoencoder(TINY_VAE, 0), DIFF_CONFIG.replace(snr_gamma=5.0, prediction="v"),
+                       SCENES).loss_weight
+    assert v[0].item() == pytest.approx(5.0 / (snr[0].item() + 1), rel=1e-5)
+    assert v[-1].item() == pytest.approx(snr[-1].item() / (snr[-1].item() + 1), rel=1e-5)
 
 
 def test_cosine_lr_known_answers():

@@ -6,7 +6,8 @@ Per step (Ho et al. 2020; Rombach et al. 2022, eq. 2):
          measured once on training scenes before step 0, as Stable Diffusion's 0.18215 was)
     t ~ U{0, …, T−1}, ε ~ N(0, I), z_t = sqrt(ᾱ_t)·z0 + sqrt(1 − ᾱ_t)·ε
     y = caption, replaced by "" with probability p_uncond (classifier-free guidance)
-    L = mean ‖ε − ε_θ(z_t, t, τ_θ(y))‖²
+    L = mean ‖ε − ε_θ(z_t, t, τ_θ(y))‖²   (or, with prediction "v", ‖v − v_θ‖² for
+        v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·z0, Salimans & Ho 2022)
 EMA copies of the UNet and text encoder are what is exported and sampled.
 
 τ_θ is the engine's `ClipTextEncoder` (so the weights load unchanged) run through
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -35,7 +37,8 @@ from ..config import LayoutEncoderConfig, ModelConfig, ScheduleConfig, TextEncod
 from ..prompt import tokenize_with_weights
 from ..layout import LayoutEncoder, tokenize_layout
 from ..scenes import COLOUR_NAMES, SHAPES, Scene, SceneConfig, class_id
-from ..schedule import make_betas
+from ..sampling import with_coordinates
+from ..schedule import alphas_cumprod
 from ..text_encoder import ClipTextEncoder
 from ..tokenizer import ClipTokenizer
 from ..unet import UNetModel
@@ -73,6 +76,8 @@ class DiffusionTrainConfig(_Config):
     unet: UNetConfig = field(default_factory=lambda: SCENES_UNET)
     text: TextEncoderConfig = field(default_factory=lambda: SCENES_TEXT)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prediction: Literal["eps", "v"] = "eps"
+    coord_channels: bool = False  # the UNet also reads x/y coordinate channels (unet.in_channels counts them)
     batch_size: int = 32
     lr: float = 1e-3
     lr_warmup: int = 100  # linear warm-up steps, then a cosine decay to lr_final at lr_steps
@@ -94,6 +99,22 @@ class DiffusionTrainConfig(_Config):
 # and cosine, min-SNR-5 weighting (more of the gradient on the noisy steps that decide shape
 # and place), a slower EMA.
 CONTINUE = dict(lr=5e-4, lr_warmup=100, lr_steps=3600, lr_final=1e-5, snr_gamma=5.0, ema_decay=0.998)
+
+# `ldm-train place`: the continued run fine-tuned to put objects where the condition says.
+# The ε-model ignored position words and boxes entirely: for a fixed seed the object landed
+# on the same spot whatever the caption. Two causes, two changes:
+# - On the 16² latent the SD schedule's last step keeps sqrt(ᾱ_T) = 0.068 of the signal,
+#   enough for a pooled view of the noise to show where objects are, so the model learned to
+#   read place from the initial noise. Zero terminal SNR with v-prediction (Lin et al. 2023,
+#   who fine-tuned Stable Diffusion 2.1 the same way) leaves the first step no signal.
+# - The UNet has no positional input; only its zero padding tells a pixel where it is, so
+#   cross-attention cannot tie "top left" to a place. Two coordinate channels (CoordConv)
+#   give every pixel its position; their conv_in weights start at zero (same function).
+# Plain v-loss: its weight on the x0 error is SNR + 1, never 0 (min-SNR would give the
+# zero-SNR step no weight), and it restores the low-noise accuracy min-SNR had traded away.
+PLACE = dict(lr=5e-4, lr_warmup=100, lr_steps=2400, lr_final=1e-5, snr_gamma=0.0, ema_decay=0.998, prediction="v",
+             schedule=ScheduleConfig(zero_terminal_snr=True), coord_channels=True,
+             unet=SCENES_UNET.replace(in_channels=SCENES_UNET.in_channels + 2))
 
 
 def encode_text(encoder: ClipTextEncoder, tokens: torch.Tensor) -> torch.Tensor:
@@ -170,8 +191,12 @@ class DiffusionStage(Stage):
     def __init__(self, folder: str | Path, autoencoder: AutoencoderKL, config: DiffusionTrainConfig = DiffusionTrainConfig(),
                  scenes: SceneConfig = SceneConfig(), init: str | Path | None = None) -> None:
         """`init`: a finished diffusion run folder to continue from (its weights, EMA weights and
-        latent scale; a fresh optimizer and learning-rate schedule from this config)."""
+        latent scale; a fresh optimizer and learning-rate schedule from this config). The
+        architecture must match; the noise schedule and prediction may change (a fine-tune onto them)."""
         super().__init__(folder, config.init_seed)
+        if config.coord_channels and config.unet.in_channels != config.unet.out_channels + 2:
+            raise ValueError(f"DiffusionTrainConfig: with coord_channels, unet.in_channels must be the latent's "
+                             f"{config.unet.out_channels} + 2, not {config.unet.in_channels}")
         if config.unet.context_dim != config.text.hidden_size:
             raise ValueError(f"DiffusionTrainConfig: unet.context_dim ({config.unet.context_dim}) must equal "
                              f"text.hidden_size ({config.text.hidden_size})")
@@ -191,10 +216,13 @@ class DiffusionStage(Stage):
         self.optimizers["main"] = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.emas = {name: EMA(m, config.ema_decay) for name, m in self.modules.items()}
         self.tokens = PromptTokens(config.text)
-        abar = torch.cumprod(1 - make_betas(config.schedule), dim=0)
+        abar = alphas_cumprod(config.schedule)
         self.sqrt_abar, self.sqrt_one_minus_abar = abar.sqrt().float(), (1 - abar).sqrt().float()
         snr = abar / (1 - abar)
-        self.loss_weight = (snr.clamp(max=config.snr_gamma) / snr).float() if config.snr_gamma > 0 else torch.ones_like(snr).float()
+        if config.snr_gamma > 0:  # min-SNR-γ on the x0 error: ε-loss · min(SNR, γ)/SNR, v-loss · min(SNR, γ)/(SNR + 1)
+            self.loss_weight = (snr.clamp(max=config.snr_gamma) / (snr + (config.prediction == "v"))).float()
+        else:
+            self.loss_weight = torch.ones_like(snr).float()
         self.latent_scale: float | None = None
         self.init_steps = 0  # steps of the run(s) this one continues
         if init is not None:
@@ -205,9 +233,16 @@ class DiffusionStage(Stage):
         if doc.get("stage") != self.name:
             raise ValueError(f"{folder} is a {doc.get('stage')!r} run; continuing needs a diffusion run folder")
         saved = DiffusionTrainConfig.from_dict(doc["config"])
-        if (saved.unet, saved.text, saved.layout, saved.schedule) != (self.config.unet, self.config.text,
-                                                                        self.config.layout, self.config.schedule):
-            raise ValueError(f"{folder}: its model architecture or schedule differs from this config; cannot continue")
+        unet = self.config.unet
+        if (saved.unet.replace(in_channels=unet.in_channels), saved.text, saved.layout) != (unet, self.config.text,
+                                                                                          self.config.layout):
+            raise ValueError(f"{folder}: its model architecture differs from this config; cannot continue")
+        if saved.unet.in_channels > unet.in_channels:
+            raise ValueError(f"{folder}: its UNet reads {saved.unet.in_channels} input channels, this config "
+                             f"{unet.in_channels}; inputs can be added, not removed")
+        for key in ("model.unet.input_blocks.0.0.weight", "ema.unet.input_blocks.0.0.weight"):  # new inputs: zero weights
+            w = tensors[key]
+            tensors[key] = torch.cat([w, w.new_zeros(w.shape[0], unet.in_channels - w.shape[1], *w.shape[2:])], 1)
         load_weights(tensors, self.modules, self.emas)
         self.latent_scale = doc["latent_scale"]
         self.init_steps = int(doc["step"]) + int(doc.get("init_steps", 0))
@@ -235,7 +270,8 @@ class DiffusionStage(Stage):
         if self.latent_scale is None:
             raise ValueError("the latent scale is measured at the first training step; train at least one step")
         return ModelConfig(family="scenes", unet=self.config.unet, vae=vae_config, text_encoders=(self.config.text,),
-                           prediction="eps", latent_scale=self.latent_scale, schedule=self.config.schedule,
+                           prediction=self.config.prediction, latent_scale=self.latent_scale, schedule=self.config.schedule,
+                           coord_channels=self.config.coord_channels,
                            layout=self.config.layout)
 
     def context(self, captions: list[str], text: ClipTextEncoder, layout: LayoutEncoder | None = None,
@@ -245,6 +281,16 @@ class DiffusionStage(Stage):
         if layout is not None:
             ctx = torch.cat([ctx, layout(layout_tokens(self.config.layout, scenes))], dim=1)
         return ctx
+
+    def noised(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_t, the network's target): z_t = sqrt(ᾱ_t)·z0 + sqrt(1 − ᾱ_t)·ε; target ε, or
+        v = sqrt(ᾱ_t)·ε − sqrt(1 − ᾱ_t)·z0."""
+        a, s = self.sqrt_abar[t].view(-1, 1, 1, 1), self.sqrt_one_minus_abar[t].view(-1, 1, 1, 1)
+        return a * z0 + s * eps, (a * eps - s * z0 if self.config.prediction == "v" else eps)
+
+    def predict(self, unet: UNetModel, zt: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        """The network on z_t, with the coordinate channels appended when the config has them."""
+        return unet(with_coordinates(zt) if self.config.coord_channels else zt, t, ctx)
 
     def train_step(self, step: int) -> dict[str, float]:
         if self.latent_scale is None:
@@ -259,14 +305,14 @@ class DiffusionStage(Stage):
         keep = torch.rand(b, generator=g) < self.config.layout_caption_prob
         t = torch.randint(0, self.config.schedule.timesteps, (b,), generator=g)
         eps = torch.randn(z0.shape, generator=g)
-        zt = self.sqrt_abar[t].view(-1, 1, 1, 1) * z0 + self.sqrt_one_minus_abar[t].view(-1, 1, 1, 1) * eps
+        zt, target = self.noised(z0, t, eps)
         n_text = b - n_layout
         # text alone (classifier-free dropout to ""), then text-or-"" with the layout tokens
         captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
         w = self.loss_weight[t].view(-1, 1, 1, 1)
 
         def weighted_sq_err(part: slice, ctx: torch.Tensor) -> torch.Tensor:
-            return (w[part] * (self.unet(zt[part], t[part], ctx) - eps[part]).square()).sum()
+            return (w[part] * (self.predict(self.unet, zt[part], t[part], ctx) - target[part]).square()).sum()
 
         sq_err = weighted_sq_err(slice(0, n_text), self.context(captions[:n_text], self.text))
         if n_layout:
@@ -288,7 +334,7 @@ class DiffusionStage(Stage):
 
     @torch.no_grad()
     def validation_loss(self, count: int = 32, seed: int = 0, use_ema: bool = False) -> float:
-        """ε-prediction loss on held-out scenes at `count` evenly spaced t, fixed noise: comparable across steps."""
+        """Prediction (ε or v) loss on held-out scenes at `count` evenly spaced t, fixed noise: comparable across steps."""
         if self.latent_scale is None:
             self.latent_scale = self.measure_latent_scale()
         g = torch.Generator().manual_seed(seed)
@@ -296,11 +342,11 @@ class DiffusionStage(Stage):
         z0 = self.ae.encode(batch.images).mode() * self.latent_scale
         t = torch.linspace(0, self.config.schedule.timesteps - 1, count).round().long()
         eps = torch.randn(z0.shape, generator=g)
-        zt = self.sqrt_abar[t].view(-1, 1, 1, 1) * z0 + self.sqrt_one_minus_abar[t].view(-1, 1, 1, 1) * eps
+        zt, target = self.noised(z0, t, eps)
         unet = self.emas["unet"].module if use_ema else self.unet.eval()
         text = self.emas["text"].module if use_ema else self.text.eval()
         ctx = self.context(batch.captions, text)
-        return F.mse_loss(unet(zt, t, ctx), eps).item()
+        return F.mse_loss(self.predict(unet, zt, t, ctx), target).item()
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], *, seed: int = 0, steps: int = 20, cfg: float = 5.0,

@@ -48,8 +48,8 @@ def export_checkpoint(stage1: str | Path, stage2: str | Path, path: str | Path, 
         raise ValueError(f"{stage2}: the diffusion run has not trained a step yet; nothing to export")
     train = DiffusionTrainConfig.from_dict(doc2["config"])
     config = ModelConfig(family="scenes", unet=train.unet, vae=VAEConfig.from_dict(doc1["config"]["vae"]),
-                         text_encoders=(train.text,), prediction="eps", latent_scale=float(doc2["latent_scale"]),
-                         schedule=train.schedule, layout=train.layout)
+                         text_encoders=(train.text,), prediction=train.prediction, latent_scale=float(doc2["latent_scale"]),
+                         schedule=train.schedule, layout=train.layout, coord_channels=train.coord_channels)
     vae_dtype = vae_dtype or dtype
 
     def cast(sd: dict[str, torch.Tensor], dt: torch.dtype) -> dict[str, torch.Tensor]:
