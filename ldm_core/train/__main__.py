@@ -3,7 +3,6 @@
     ldm-train stage1 --run runs/scenes --steps 4000      # autoencoder  → runs/scenes/stage1
     ldm-train stage2 --run runs/scenes --steps 12000     # diffusion    → runs/scenes/stage2
     ldm-train continue --run runs/scenes --steps 3600    # diffusion on from stage2 → runs/scenes/stage2_continue
-    ldm-train place --run runs/scenes --steps 2400       # zero terminal SNR, v, coordinates → runs/scenes/stage2_place
     ldm-train refine --run runs/scenes --steps 1000      # decoder only, frozen encoder → runs/scenes/stage1_refine
     ldm-train export --run runs/scenes --to models/scenes.safetensors
     ldm-train all --run runs/scenes                       # all of the above with the shipped step counts
@@ -58,14 +57,6 @@ def _continue(args: argparse.Namespace):
     return DiffusionStage(Path(args.run) / "stage2_continue", ae, config, init=Path(args.run) / "stage2")
 
 
-def _place(args: argparse.Namespace):
-    from .diffusion import PLACE, DiffusionStage, DiffusionTrainConfig, load_stage1
-
-    ae, _ = load_stage1(Path(args.run) / "stage1")
-    config = _batch(DiffusionTrainConfig(data_seed=args.seed + 4, init_seed=args.seed + 4, **PLACE), args)
-    return DiffusionStage(Path(args.run) / "stage2_place", ae, config, init=Path(args.run) / "stage2_continue")
-
-
 def _train(make, args: argparse.Namespace) -> int:
     stage = make(args)
     if stage.resume():
@@ -77,23 +68,22 @@ def _train(make, args: argparse.Namespace) -> int:
 
 
 # Training commands in the order `ldm-train all` runs them.
-STAGES = {"stage1": _stage1, "stage2": _stage2, "continue": _continue, "place": _place, "refine": _refine}
+STAGES = {"stage1": _stage1, "stage2": _stage2, "continue": _continue, "refine": _refine}
 
 # The step counts of the shipped ldm_core/data/ldm-scenes.safetensors (`ldm-train all`).
 # `continue` runs to the end of its cosine (diffusion.CONTINUE["lr_steps"]).
-SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "continue": None, "place": None, "refine": 1000}
+SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "continue": None, "refine": 1000}
 # Diffusion run folders, latest first: the export takes the first that holds a saved state.
-DIFFUSION_FOLDERS = ("stage2_place", "stage2_continue", "stage2")
+DIFFUSION_FOLDERS = ("stage2_continue", "stage2")
 
 
 def _all(args: argparse.Namespace) -> int:
     """Every stage to the shipped step count, then the export (each stage resumes if interrupted)."""
     from .. import embedded
-    from .diffusion import CONTINUE, PLACE
+    from .diffusion import CONTINUE
 
-    to_end = {"continue": CONTINUE["lr_steps"], "place": PLACE["lr_steps"]}  # to the end of their cosines
     for name, make in STAGES.items():
-        args.steps = SHIPPED_STEPS[name] or to_end[name]
+        args.steps = SHIPPED_STEPS[name] or CONTINUE["lr_steps"]
         _train(make, args)
     args.to = args.to or str(embedded.EMBEDDED_PATH)
     return _export(args)
@@ -145,18 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"stage1": "train the autoencoder", "stage2": "train the diffusion model",
              "continue": "train the diffusion model further from stage2 with a fresh schedule (min-SNR loss)",
-             "place": "fine-tune the continued diffusion model for placement (zero terminal SNR, v, coordinates)",
              "refine": "train the autoencoder's decoder further on its frozen encoder"}
 
     def run_args(p: argparse.ArgumentParser, save_every: int, sample_every: int) -> None:
-        p.add_argument("--run", required=True, help="run folder (stage1/, stage2/, stage2_continue/, stage2_place/, stage1_refine/ live inside)")
+        p.add_argument("--run", required=True, help="run folder (stage1/, stage2/, stage2_continue/, stage1_refine/ live inside)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--batch-size", type=int, default=None)
         p.add_argument("--log-every", type=int, default=10)
         p.add_argument("--save-every", type=int, default=save_every)
         p.add_argument("--sample-every", type=int, default=sample_every)
 
-    for name in ("stage1", "stage2", "continue", "place", "refine"):
+    for name in STAGES:
         p = sub.add_parser(name, help=helps[name])
         run_args(p, 500, 1000)
         p.add_argument("--steps", type=int, required=True, help="total steps to reach (resumes)")

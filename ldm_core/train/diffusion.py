@@ -100,22 +100,6 @@ class DiffusionTrainConfig(_Config):
 # and place), a slower EMA.
 CONTINUE = dict(lr=5e-4, lr_warmup=100, lr_steps=3600, lr_final=1e-5, snr_gamma=5.0, ema_decay=0.998)
 
-# `ldm-train place`: the continued run fine-tuned to put objects where the condition says.
-# The ε-model ignored position words and boxes entirely: for a fixed seed the object landed
-# on the same spot whatever the caption. Two causes, two changes:
-# - On the 16² latent the SD schedule's last step keeps sqrt(ᾱ_T) = 0.068 of the signal,
-#   enough for a pooled view of the noise to show where objects are, so the model learned to
-#   read place from the initial noise. Zero terminal SNR with v-prediction (Lin et al. 2023,
-#   who fine-tuned Stable Diffusion 2.1 the same way) leaves the first step no signal.
-# - The UNet has no positional input; only its zero padding tells a pixel where it is, so
-#   cross-attention cannot tie "top left" to a place. Two coordinate channels (CoordConv)
-#   give every pixel its position; their conv_in weights start at zero (same function).
-# Plain v-loss: its weight on the x0 error is SNR + 1, never 0 (min-SNR would give the
-# zero-SNR step no weight), and it restores the low-noise accuracy min-SNR had traded away.
-PLACE = dict(lr=5e-4, lr_warmup=100, lr_steps=2400, lr_final=1e-5, snr_gamma=0.0, ema_decay=0.998, prediction="v",
-             schedule=ScheduleConfig(zero_terminal_snr=True), coord_channels=True,
-             unet=SCENES_UNET.replace(in_channels=SCENES_UNET.in_channels + 2))
-
 
 def encode_text(encoder: ClipTextEncoder, tokens: torch.Tensor) -> torch.Tensor:
     """Differentiable τ_θ: tokens [B, L] → normed last hidden state [B, L, D].
