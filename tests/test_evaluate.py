@@ -125,3 +125,13 @@ def test_templates_have_the_shape_areas():
     assert template("square", 40, 40).mean() == 1.0
     assert abs(template("circle", 40, 40).mean() - math.pi / 4) < 0.01
     assert abs(template("triangle", 40, 40).mean() - 0.5) < 0.02
+
+
+def test_placement_bench_same_place_known_answers():
+    """bench.placement's verdict: four centroids within 2 px of their mean are one place."""
+    from bench.placement import same_place
+
+    assert same_place([(50, 21), (50, 21), (51, 22), (49, 21)])
+    assert not same_place([(14, 14), (50, 14), (14, 50), (50, 50)])  # the four corners: followed
+    assert not same_place([(50, 21), None, (50, 21), (50, 21)])  # a prompt without a red object
+    assert not same_place([(50, 21), (50, 21), (50, 21), (55, 21)])
