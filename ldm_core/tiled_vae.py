@@ -1,5 +1,5 @@
 """Tiled VAE decode and encode whose result equals the untiled one ("exact"), or a
-single-pass approximation with the smallest memory ("fast").
+single-pass approximation that keeps no whole maps between layers ("fast").
 
 Why tiles usually leave seams: every GroupNorm of the autoencoder normalises with the
 mean and variance of the *whole* map; a tile run on its own normalises with its own,

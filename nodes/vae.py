@@ -47,7 +47,8 @@ def encode_tiled(ctx: NodeContext, pixels, vae, tile_size: int = 0, mode: str = 
 
 
 MODE_TIP = ("exact: the same image as untiled (whole-image GroupNorm statistics, gathered layer by layer); "
-            "fast: one pass per tile with statistics estimated once (least memory, approximate)")
+            "fast: one pass per tile with statistics estimated once (approximate; keeps no whole maps "
+            "between layers, but recomputes wide halos: slower than exact on a CPU)")
 
 
 def _tiled_inputs(core: bool, step: int) -> list:
