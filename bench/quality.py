@@ -72,8 +72,8 @@ def run(args: argparse.Namespace) -> list[tuple]:
                                                 batch=64))
     ref_rate = _objects_rate(ref)
     add(f"DDPM {args.ddpm_steps} steps (reference)", ref_rate, "—", None, f"{len(cmp_scenes)} prompts, objects right")
+    runs = [(s, base.scheduler) for s in DETERMINISTIC] + list(OWN_GRID.items())
     for steps in (20, 30):
-        runs = [(s, base.scheduler) for s in DETERMINISTIC] + list(OWN_GRID.items())
         for sampler, scheduler in runs:
             settings = replace(base, sampler=sampler, scheduler=scheduler, steps=steps, batch=64)
             res = adherence(ckpt, cmp_scenes, settings)

@@ -167,7 +167,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def memory_sweep(cache_dir: Path, workdir: Path) -> list[str]:
     """Activation peak vs image size, narrow weights, tile 256, for untiled, exact (default
-    parking), exact-disk (every map in a file: flat) and fast."""
+    parking), exact-disk (every map in a file: only the low-resolution part run whole still
+    grows) and fast."""
     weights = ensure_weights(cache_dir, True)
     sizes = (256, 512, 1024)
     lines = ["", "Activation peak (RSS high-water mark minus RSS before the decode), narrow SD-layout weights, tile 256:",
