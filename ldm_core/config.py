@@ -118,8 +118,15 @@ class UNetConfig(_Config):
     adm_in_channels: int | None = None  # SDXL "sequential" label embedding input width
     num_classes: int | None = None  # class-conditional LDMs: nn.Embedding(num_classes, time_embed_dim)
     norm_groups: int = 32
+    # > 0: an additive spatial path from the context (`context_map.*`, see unet.ContextMap): every
+    # context token → a [context_map_channels, G, G] map through a small MLP, the mean over tokens,
+    # upsampled to the latent and added to the stem's output by a zero-initialised 1×1 convolution.
+    context_map_grid: int = 0
+    context_map_channels: int = 16
 
     def __post_init__(self) -> None:
+        if self.context_map_grid > 0 and self.context_dim is None:
+            raise ConfigError("UNetConfig: context_map_grid needs a context_dim")
         if len(self.transformer_depth) != len(self.channel_mult):
             raise ConfigError("UNetConfig: transformer_depth needs one entry per channel_mult level")
         if self.num_heads == -1 and self.num_head_channels == -1:

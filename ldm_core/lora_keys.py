@@ -81,6 +81,8 @@ def unet_diffusers_names(key: str, config: UNetConfig) -> tuple[str, ...]:
     for ldm, names in _TOP.items():
         if key.startswith(ldm + "."):
             return tuple(n + key[len(ldm):] for n in names)
+    if key.startswith("context_map."):  # no diffusers counterpart (see unet.ContextMap): its own name
+        return (key,)
     per_level = config.num_res_blocks + 1
     if m := _BLOCK.fullmatch(key):
         side, n, sub, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)

@@ -12,6 +12,10 @@ level, a Downsample block. The output side mirrors it with num_res_blocks + 1 bl
 per level, each taking the concatenated skip tensor, the last of each level (but
 level 0) ending in an Upsample.
 
+Optional `context_map` (config.context_map_grid > 0): an additive spatial path from the
+context tokens to the stem's output (`ContextMap`), for small models trained from scratch
+whose cross-attention is slow to learn where things go.
+
 Middle block: ResBlock, SpatialTransformer(transformer_depth_middle), ResBlock.
 A negative depth follows the released distilled SDXL variants: -1 is a middle block
 of one ResBlock (`middle_block.0`, as SSD-1B and Segmind Vega ship it; diffusers
@@ -206,6 +210,34 @@ def _mlp(dim_in: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, dim), nn.SiLU(), nn.Linear(dim, dim))
 
 
+class ContextMap(nn.Module):
+    """Context tokens [B, T, D] → a feature map [B, out_channels, h, w] to add to the stem's output.
+
+    Each token goes through `mlp` (Linear D→4D, SiLU, Linear 4D→C·G·G) to a coarse C×G×G map;
+    the maps are averaged over the tokens (so a context repeated to a longer length, as batched
+    guidance does, gives the same map), upsampled bilinearly to h×w and projected by `proj`, a
+    1×1 convolution that starts at zero (the UNet is unchanged until it learns). Unlike
+    cross-attention, whose place-dependence is a product of learned queries and keys, the map is
+    a direct function of the words (or box tokens): "top left" can paint the top left at once.
+    """
+
+    def __init__(self, context_dim: int, grid: int, channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.grid, self.channels = grid, channels
+        self.mlp = nn.Sequential(nn.Linear(context_dim, 4 * context_dim), nn.SiLU(),
+                                 nn.Linear(4 * context_dim, channels * grid * grid))
+        self.proj = nn.Conv2d(channels, out_channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def grid_map(self, context: torch.Tensor) -> torch.Tensor:
+        """The coarse map [B, C, G, G] before upsampling and projection (training supervises part of it)."""
+        return self.mlp(context).mean(dim=1).view(context.shape[0], self.channels, self.grid, self.grid)
+
+    def forward(self, context: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.proj(F.interpolate(self.grid_map(context), size=tuple(size), mode="bilinear", align_corners=False))
+
+
 class UNetModel(nn.Module):
     """The LDM/SGM UNet, built from a `UNetConfig`.
 
@@ -236,6 +268,8 @@ class UNetModel(nn.Module):
             )
 
         self.input_blocks = nn.ModuleList([EmbedSequential(Conv2d(c.in_channels, mc, 3, padding=1))])
+        self.context_map = ContextMap(c.context_dim, c.context_map_grid, c.context_map_channels, mc) \
+            if c.context_map_grid > 0 else None  # type: ignore[arg-type]
         skip_channels = [mc]
         ch = mc
         last = len(c.channel_mult) - 1
@@ -301,8 +335,10 @@ class UNetModel(nn.Module):
             context = context.to(self.dtype)
         h = x.to(self.dtype)
         skips = []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if i == 0 and self.context_map is not None and context is not None:
+                h = h + self.context_map(context, h.shape[-2:])
             skips.append(h)
         if self.middle_block is not None:
             h = self.middle_block(h, emb, context)
@@ -330,4 +366,4 @@ class UNetModel(nn.Module):
         return model.eval()
 
 
-__all__ = ["UNetModel", "timestep_embedding", "size_embedding", "ResBlock", "Downsample", "Upsample"]
+__all__ = ["UNetModel", "ContextMap", "timestep_embedding", "size_embedding", "ResBlock", "Downsample", "Upsample"]

@@ -522,3 +522,19 @@ def test_kohya_file_changes_exactly_the_layers_it_names(models):
             changed = {k for k, v in before.items() if not torch.equal(after[k], v)}
         assert changed == named, (sorted(changed - named)[:5], sorted(named - changed)[:5])
         assert all(torch.equal(base_module.state_dict()[k], v) for k, v in before.items())  # restored after
+
+
+def test_embedded_models_context_map_has_lora_names():
+    """The embedded model's context map (no diffusers counterpart) is reachable by LoRA files under
+    its own path in every naming: kohya `lora_unet_context_map_mlp_0`, peft `unet.context_map.mlp.0`."""
+    from ldm_core.embedded import EMBEDDED_PATH
+    from ldm_core.train.diffusion import read_checkpoint
+
+    config = read_checkpoint(EMBEDDED_PATH)[0]
+    assert config.unet.context_map_grid > 0
+    with torch.device("meta"):
+        unet = UNetModel(config.unet)
+    umap = unet_key_map(unet.state_dict(), config.unet)
+    for path in ("context_map.mlp.0", "context_map.mlp.2", "context_map.proj"):
+        names = {n for n, k in umap.items() if k == path + ".weight"}
+        assert {f"lora_unet_{path.replace('.', '_')}", f"unet.{path}"} <= names, (path, names)

@@ -320,3 +320,48 @@ def test_gradients_flow_through_every_path(patch_path, request):
     out = model(torch.randn(1, 4, 16, 16), torch.tensor([3.0]), torch.randn(1, 5, config.context_dim))
     out.square().mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+CONTEXT_MAP_UNET = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1),
+                              transformer_depth_middle=0, context_dim=8, num_heads=-1, num_head_channels=16,
+                              use_linear_in_transformer=True, norm_groups=8, context_map_grid=4, context_map_channels=3)
+
+
+def test_context_map_starts_with_no_effect():
+    """The zero-initialised projection: a UNet with the context map computes the plain UNet exactly."""
+    torch.manual_seed(0)
+    with_map = UNetModel(CONTEXT_MAP_UNET).eval()
+    plain = UNetModel(CONTEXT_MAP_UNET.replace(context_map_grid=0)).eval()
+    missing, unexpected = plain.load_state_dict(with_map.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith("context_map.") for k in unexpected)
+    x, t, ctx = torch.randn(2, 4, 12, 12), torch.tensor([10, 900]), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert torch.equal(with_map(x, t, ctx), plain(x, t, ctx))
+
+
+def test_context_map_known_answer_and_repeat_invariance():
+    """A map that paints the top-left grid cell lands in the top-left of the latent; the mean over
+    tokens makes a context repeated to a longer length (batched guidance) give the same output."""
+    from ldm_core.unet import ContextMap
+
+    m = ContextMap(context_dim=8, grid=4, channels=3, out_channels=3)
+    with torch.no_grad():
+        m.mlp[2].weight.zero_()
+        m.mlp[2].bias.zero_()
+        m.mlp[2].bias.view(3, 4, 4)[1, 0, 0] = 2.0  # channel 1, top-left cell
+        m.proj.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        out = m(torch.randn(1, 5, 8), (16, 16))
+    cell = torch.zeros(1, 3, 4, 4)
+    cell[0, 1, 0, 0] = 2.0
+    expected = torch.nn.functional.interpolate(cell, size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert out[0, 1, :4, :4].mean() > 1.0 and out[0, 1, 8:, 8:].abs().max() == 0 and out[0, [0, 2]].abs().max() == 0
+
+    torch.manual_seed(1)
+    unet = UNetModel(CONTEXT_MAP_UNET).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(unet.context_map.proj.weight)
+        x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 3, 8)
+        base = unet(x, t, ctx)
+        assert (base - unet(x, t, torch.randn(1, 3, 8))).abs().max() > 1e-3  # the words now move the map
+        assert torch.allclose(unet(x, t, ctx.repeat(1, 4, 1)), base, atol=1e-5)
