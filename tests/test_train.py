@@ -259,15 +259,17 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
     """`ldm-train all` (the shipped model's command) at one step per stage: a file that loads."""
     from ldm_core.train import __main__ as cli
 
-    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "stage2": 1, "continue": 1, "refine": 1})
+    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "stage2": 1, "continue": 1, "refine": 1, "ground": 1})
     out = tmp_path / "m.safetensors"
     assert cli.main(["all", "--run", str(tmp_path / "run"), "--sample-every", "0", "--batch-size", "2",
                      "--to", str(out)]) == 0
     ckpt = load_checkpoint(out, device="cpu")
     assert ckpt.layout_encoder is not None and ckpt.vae.factor == 4
     assert (tmp_path / "run" / "stage1_refine" / "state.json").is_file()
+    assert (tmp_path / "run" / "base.safetensors").is_file() and (tmp_path / "run" / "ground" / "state.json").is_file()
+    assert ckpt.config.unet.context_map_grid > 0  # the ground stage's UNet was exported
     meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["ldm_core.train_steps"])
-    assert meta == {"autoencoder": 1, "diffusion": 2}  # stage 2, then one continued step (exported)
+    assert meta == {"autoencoder": 1, "diffusion": 3}  # stage 2, one continued step, one ground step
 
 
 def test_continue_starts_from_the_saved_run_and_trains_on(stage1_run, stage2_run, tmp_path):
@@ -306,6 +308,115 @@ def test_continue_starts_from_the_saved_run_and_trains_on(stage1_run, stage2_run
         DiffusionStage(tmp_path / "back", stage.ae, config, SCENES, init=tmp_path / "place")
 
 
+def test_ground_starts_from_an_exported_checkpoint(stage1_run, stage2_run, tmp_path):
+    """`ldm-train ground`: from an exported single file, the UNet gains the context map (zero effect
+    at first: the loaded model's output exactly), trains on, resumes, and exports with the file's
+    autoencoder to a checkpoint the engine loads with the map."""
+    folder2, stage, _ = stage2_run
+    base_path = export_checkpoint(stage1_run[0], folder2, tmp_path / "base.safetensors", dtype=torch.float32)
+    base = load_checkpoint(base_path, device="cpu")
+    from ldm_core.train.diffusion import checkpoint_autoencoder
+
+    ae, vae_config = checkpoint_autoencoder(base_path)
+    assert vae_config == TINY_VAE
+    config = DIFF_CONFIG.replace(unet=TINY_UNET.replace(context_map_grid=4, context_map_channels=4), lr_steps=4,
+                                 data_seed=4, init_seed=4)
+    ground = DiffusionStage(tmp_path / "ground", ae, config, SCENES, init=base_path)
+    assert ground.latent_scale == pytest.approx(stage.latent_scale) and ground.init_steps == 24
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 9, 32)
+    with torch.no_grad():
+        assert torch.equal(ground.unet(x, t, ctx), base.model.unet(x, t, ctx))
+        assert torch.equal(ground.emas["unet"].module(x, t, ctx), base.model.unet(x, t, ctx))
+    ground.run(3, progress=False)
+    assert ground.unet.context_map.proj.weight.abs().max() > 0  # the map learns
+    again = DiffusionStage(tmp_path / "ground", ae, config, SCENES, init=base_path)
+    assert again.resume() and again.step == 3 and again.init_steps == 24
+    path = export_checkpoint(base_path, tmp_path / "ground", tmp_path / "g.safetensors", dtype=torch.float32)
+    ckpt = load_checkpoint(path, device="cpu")
+    assert ckpt.config == ground.model_config(TINY_VAE) and ckpt.config.unet.context_map_grid == 4
+    ema_unet = ground.emas["unet"].module.state_dict()
+    assert all(torch.equal(v, ema_unet[k]) for k, v in ckpt.model.unet.state_dict().items())
+    assert all(torch.equal(v, base.vae.model.state_dict()[k]) for k, v in ckpt.vae.model.state_dict().items())
+    meta = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["ldm_core.train_steps"])
+    assert meta == {"autoencoder": 16, "diffusion": 27}
+    with pytest.raises(ValueError, match="architecture"):
+        DiffusionStage(tmp_path / "x", ae, config.replace(unet=config.unet.replace(model_channels=32)), SCENES, init=base_path)
+
+
+def test_occupancy_known_answer():
+    """The map loss's target: per grid cell, the share of its pixels each class covers."""
+    import numpy as np
+
+    from ldm_core.scenes import NUM_CLASSES, make_scene
+    from ldm_core.train.diffusion import occupancy
+
+    scene = make_scene(0, 3, SCENES)
+    occ = occupancy([scene], 4)
+    assert occ.shape == (1, NUM_CLASSES, 4, 4) and torch.allclose(occ.sum(1), torch.ones(1, 4, 4))
+    cell = SCENES.size // 4
+    for c in range(NUM_CLASSES):  # block averages of the one-hot semantic map, by numpy
+        blocks = (scene.semantic == c).reshape(4, cell, 4, cell).mean(axis=(1, 3))
+        assert np.allclose(occ[0, c].numpy(), blocks, atol=1e-6)
+    obj = scene.objects[0]
+    cx, cy = (obj.bbox[0] + obj.bbox[2]) / 2, (obj.bbox[1] + obj.bbox[3]) / 2
+    from ldm_core.scenes import class_id
+
+    assert occ[0, class_id(obj.colour, obj.shape), int(cy // cell), int(cx // cell)] > 0
+
+
+def test_map_cross_entropy_known_answer():
+    """Uniform logits cost log(G²) per present class; logits that put all mass where the class is cost ≈ 0;
+    absent classes cost nothing."""
+    import math
+
+    from ldm_core.scenes import NUM_CLASSES
+    from ldm_core.train.diffusion import map_cross_entropy
+
+    occ = torch.zeros(1, NUM_CLASSES, 4, 4)
+    occ[0, 0] = 1.0
+    occ[0, 0, 1, 2], occ[0, 5, 1, 2] = 0.5, 0.5  # class 5 covers half of one cell
+    occ[0, 0, 3, 3], occ[0, 7, 3, 3] = 0.0, 1.0  # class 7 one whole cell
+    uniform = torch.zeros(1, NUM_CLASSES, 4, 4)
+    assert map_cross_entropy(uniform, occ).item() == pytest.approx(2 * math.log(16), rel=1e-6)
+    sharp = uniform.clone()
+    sharp[0, 5, 1, 2], sharp[0, 7, 3, 3] = 50.0, 50.0
+    assert map_cross_entropy(sharp, occ).item() < 1e-6
+    wrong = uniform.clone()
+    wrong[0, 5, 0, 0] = 50.0  # all mass on the wrong cell
+    assert map_cross_entropy(wrong, occ).item() > 40
+
+
+def test_map_loss_trains_the_context_map_to_place_classes(stage1_run, monkeypatch):
+    """With map_loss, train_step teaches the context map where the caption's objects are: on a batch
+    it keeps seeing, the map's cross-entropy against the class coverage falls (the diffusion loss
+    trains alongside)."""
+    from ldm_core.scenes import NUM_CLASSES
+    from ldm_core.train import diffusion
+    from ldm_core.train.data import scene_batch
+    from ldm_core.train.diffusion import map_cross_entropy, occupancy
+
+    batch = scene_batch(99, 0, 4, SCENES)
+    monkeypatch.setattr(diffusion, "scene_batch", lambda *args: batch)
+
+    ae, _ = load_stage1(stage1_run[0])
+    config = DIFF_CONFIG.replace(unet=TINY_UNET.replace(context_map_grid=4, context_map_channels=NUM_CLASSES),
+                                 map_loss=1.0, lr=3e-3, lr_steps=30, context_map_lr_mult=3.0)
+    stage = DiffusionStage("/nonexistent", ae, config, SCENES)
+    assert [g["lr_mult"] for g in stage.optimizers["main"].param_groups] == [1.0, 3.0]
+
+    def error() -> float:
+        with torch.no_grad():
+            ctx = stage.context(batch.captions[:3], stage.text)  # the text part of the batch (1 of 4 has a layout)
+            return map_cross_entropy(stage.unet.context_map.grid_map(ctx), occupancy(batch.scenes[:3], 4)).item()
+
+    before = error()
+    logs = [stage.train_step(i) for i in range(30)]
+    assert all("map_loss" in r for r in logs) and error() < 0.7 * before, (before, error())
+    assert stage.optimizers["main"].param_groups[1]["lr"] == pytest.approx(3 * stage.optimizers["main"].param_groups[0]["lr"])
+    with pytest.raises(ValueError, match="map_loss"):
+        DiffusionStage("/nonexistent", ae, DIFF_CONFIG.replace(map_loss=1.0), SCENES)
+
+
 def test_min_snr_loss_weights_known_answers():
     """min-SNR-γ: w_t = min(SNR_t, γ) / SNR_t, SNR_t = ᾱ_t / (1 − ᾱ_t); γ = 0 keeps the plain loss."""
     from ldm_core.schedule import make_betas
@@ -325,6 +436,13 @@ def test_min_snr_loss_weights_known_answers():
                        SCENES).loss_weight
     assert v[0].item() == pytest.approx(5.0 / (snr[0].item() + 1), rel=1e-5)
     assert v[-1].item() == pytest.approx(snr[-1].item() / (snr[-1].item() + 1), rel=1e-5)
+    # the truncated x0 term: ε-loss · (min(SNR, γ)/SNR + min(1/SNR, c)); 1/SNR at t = 999 is ≈ 213 > c
+    x0 = DiffusionStage("/nonexistent", build_autoencoder(TINY_VAE, 0),
+                        DIFF_CONFIG.replace(snr_gamma=5.0, x0_weight_max=25.0), SCENES).loss_weight
+    assert x0[-1].item() == pytest.approx(1.0 + 25.0) and 1 / snr[-1] > 200
+    assert x0[0].item() == pytest.approx(5.0 / snr[0].item() + 1 / snr[0].item(), rel=1e-5)
+    mid = int((1 / snr < 4).sum())  # the first t with 1/SNR ≥ 4 (below the cap)
+    assert x0[mid].item() == pytest.approx(1.0 + 1 / snr[mid].item(), rel=1e-5)
 
 
 def test_cosine_lr_known_answers():

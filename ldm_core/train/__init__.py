@@ -5,7 +5,8 @@ procedural scenes with L1 + structural (SSIM) reconstruction terms, a slight KL 
 and an optional patch-based adversarial term. Stage 2 (`diffusion.py`): a cross-attention
 UNet learns ε in the frozen autoencoder's scaled latent space, conditioned on a small
 CLIP-architecture text transformer trained jointly from scratch (classifier-free
-guidance dropout, EMA weights). `loop.py` runs either stage resumably; `export.py`
+guidance dropout, EMA weights). The `ground` stage adds the UNet's context map to the
+exported model and teaches it where things go (`diffusion.GROUND`). `loop.py` runs either stage resumably; `export.py`
 writes the single-file checkpoint the engine loads; `python -m ldm_core.train` is the CLI.
 
 Nothing here runs at import; no global state: every random draw comes from a

@@ -4,6 +4,8 @@
     ldm-train stage2 --run runs/scenes --steps 12000     # diffusion    → runs/scenes/stage2
     ldm-train continue --run runs/scenes --steps 3600    # diffusion on from stage2 → runs/scenes/stage2_continue
     ldm-train refine --run runs/scenes --steps 1000      # decoder only, frozen encoder → runs/scenes/stage1_refine
+    ldm-train export --run runs/scenes --to runs/scenes/base.safetensors   # the base model
+    ldm-train ground --run runs/scenes --steps 2200      # base + the UNet's context map → runs/scenes/ground
     ldm-train export --run runs/scenes --to models/scenes.safetensors
     ldm-train all --run runs/scenes                       # all of the above with the shipped step counts
     ldm-train estimate                                    # seconds per step of each stage here
@@ -57,6 +59,19 @@ def _continue(args: argparse.Namespace):
     return DiffusionStage(Path(args.run) / "stage2_continue", ae, config, init=Path(args.run) / "stage2")
 
 
+def _ground(args: argparse.Namespace):
+    from .diffusion import GROUND, GROUND_UNET, SCENES_UNET, DiffusionStage, DiffusionTrainConfig, checkpoint_autoencoder
+
+    init = Path(args.init) if getattr(args, "init", None) else Path(args.run) / BASE_FILE
+    if not init.is_file():
+        raise SystemExit(f"ldm-train ground: no base checkpoint {init}; export the base model first "
+                         f"(ldm-train export --run {args.run} --to {init}) or pass --init FILE")
+    ae, _ = checkpoint_autoencoder(init)
+    config = _batch(DiffusionTrainConfig(unet=SCENES_UNET.replace(**GROUND_UNET), data_seed=args.seed + 4,
+                                         init_seed=args.seed + 4, **GROUND), args)
+    return DiffusionStage(Path(args.run) / "ground", ae, config, init=init)
+
+
 def _train(make, args: argparse.Namespace) -> int:
     stage = make(args)
     if stage.resume():
@@ -68,24 +83,30 @@ def _train(make, args: argparse.Namespace) -> int:
 
 
 # Training commands in the order `ldm-train all` runs them.
-STAGES = {"stage1": _stage1, "stage2": _stage2, "continue": _continue, "refine": _refine}
+STAGES = {"stage1": _stage1, "stage2": _stage2, "continue": _continue, "refine": _refine, "ground": _ground}
 
 # The step counts of the shipped ldm_core/data/ldm-scenes.safetensors (`ldm-train all`).
 # `continue` runs to the end of its cosine (diffusion.CONTINUE["lr_steps"]).
-SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "continue": None, "refine": 1000}
+SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "continue": None, "refine": 1000, "ground": None}
 # Diffusion run folders, latest first: the export takes the first that holds a saved state.
-DIFFUSION_FOLDERS = ("stage2_continue", "stage2")
+DIFFUSION_FOLDERS = ("ground", "stage2_continue", "stage2")
+# The base model (stages up to refine, exported) that `ground` starts from, inside the run folder.
+BASE_FILE = "base.safetensors"
 
 
 def _all(args: argparse.Namespace) -> int:
     """Every stage to the shipped step count, then the export (each stage resumes if interrupted)."""
     from .. import embedded
-    from .diffusion import CONTINUE
+    from .diffusion import CONTINUE, GROUND
 
+    final = args.to or str(embedded.EMBEDDED_PATH)
     for name, make in STAGES.items():
-        args.steps = SHIPPED_STEPS[name] or CONTINUE["lr_steps"]
+        if name == "ground" and not (Path(args.run) / BASE_FILE).is_file():  # ground starts from the base export
+            args.to = str(Path(args.run) / BASE_FILE)
+            _export(args, base=True)
+        args.steps = SHIPPED_STEPS[name] or {"continue": CONTINUE, "ground": GROUND}[name]["lr_steps"]
         _train(make, args)
-    args.to = args.to or str(embedded.EMBEDDED_PATH)
+    args.to = final
     return _export(args)
 
 
@@ -113,7 +134,9 @@ def _estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace, base: bool = False) -> int:
+    """The run's checkpoint: its latest diffusion stage (`base`: the latest before ground) with the
+    matching autoencoder."""
     import torch
 
     from .export import export_checkpoint
@@ -123,7 +146,11 @@ def _export(args: argparse.Namespace) -> int:
 
     run = Path(args.run)
     stage1 = run / "stage1_refine" if has_state(run / "stage1_refine") else run / "stage1"
-    stage2 = next((run / f for f in DIFFUSION_FOLDERS if has_state(run / f)), run / "stage2")
+    folders = DIFFUSION_FOLDERS[1:] if base else DIFFUSION_FOLDERS
+    stage2 = next((run / f for f in folders if has_state(run / f)), run / "stage2")
+    if stage2.name == "ground":  # trained on the base model's autoencoder
+        started = json.loads((stage2 / "state.json").read_text()).get("init")
+        stage1 = Path(started) if started and Path(started).is_file() else run / BASE_FILE
     print(f"autoencoder from {stage1}, diffusion from {stage2}", file=sys.stderr)
     path = export_checkpoint(stage1, stage2, args.to, dtype=dtype)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -135,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"stage1": "train the autoencoder", "stage2": "train the diffusion model",
              "continue": "train the diffusion model further from stage2 with a fresh schedule (min-SNR loss)",
-             "refine": "train the autoencoder's decoder further on its frozen encoder"}
+             "refine": "train the autoencoder's decoder further on its frozen encoder",
+             "ground": "add the UNet's context map to the exported base model and train on (positions, layouts)"}
 
     def run_args(p: argparse.ArgumentParser, save_every: int, sample_every: int) -> None:
         p.add_argument("--run", required=True, help="run folder (stage1/, stage2/, stage2_continue/, stage1_refine/ live inside)")
@@ -149,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=helps[name])
         run_args(p, 500, 1000)
         p.add_argument("--steps", type=int, required=True, help="total steps to reach (resumes)")
+        if name == "ground":
+            p.add_argument("--init", default=None, help=f"the base checkpoint (default: RUN/{BASE_FILE})")
     p = sub.add_parser("all", help="train both stages and refine to the shipped step counts, then export")
     run_args(p, 250, 500)
     p.add_argument("--to", default=None, help="default: the package's embedded model file")

@@ -25,18 +25,20 @@ trained, and layout inference is ConditioningConcat(text, layout) against the ""
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..config import LayoutEncoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig, _Config
 from ..prompt import tokenize_with_weights
 from ..layout import LayoutEncoder, tokenize_layout
-from ..scenes import COLOUR_NAMES, SHAPES, Scene, SceneConfig, class_id
+from ..scenes import COLOUR_NAMES, NUM_CLASSES, SHAPES, Scene, SceneConfig, class_id
 from ..sampling import with_coordinates
 from ..schedule import alphas_cumprod
 from ..text_encoder import ClipTextEncoder
@@ -90,10 +92,32 @@ class DiffusionTrainConfig(_Config):
     layout_caption_prob: float = 0.5  # those keep their caption with this probability, else ""
     ema_decay: float = 0.995
     snr_gamma: float = 0.0  # > 0: min-SNR-γ loss weights min(SNR_t, γ) / SNR_t (Hang et al. 2023); 0: plain ε loss
+    # > 0: the loss also carries the x0 error of the noisy steps, truncated: each step's weight gains
+    # min(x0-MSE / prediction-MSE, x0_weight_max), i.e. min(1/SNR_t, ·) for ε and min(1/(1 + SNR_t), ·) for v.
+    # Where the picture is still mostly noise (where the words must decide the layout) the ε-loss
+    # barely sees x0 at all (it weighs the x0 error by SNR_t).
+    x0_weight_max: float = 0.0
+    # > 0 (needs unet.context_map_grid): channels 1 … NUM_CLASSES − 1 of the context map also learn,
+    # with this weight, where each class the scene holds lies: per class, a softmax over the G×G
+    # cells against the class's share of coverage per cell (cross-entropy; `map_cross_entropy`).
+    # The words and boxes get a direct, noise-free lesson in *where*, which the denoiser then
+    # reads through the map. (A squared error on the occupancy itself barely moved: a small
+    # object's place is a tiny part of that error.)
+    map_loss: float = 0.0
+    context_map_lr_mult: float = 1.0  # the context map's learning rate relative to the rest
     data_seed: int = 0
     init_seed: int = 1
     latent_scale_scenes: int = 256  # training scenes whose latents set the scale
 
+
+# Grounding (`ldm-train ground`): the shipped base model (the export of stage1 → continue → refine)
+# gains the UNet's additive context map (`UNetConfig.context_map_grid`, zero-initialised, so the
+# first step is the base model exactly) and trains on with a fresh schedule, min-SNR-5 weights and
+# the truncated x0 error of the noisy steps added (where position and layout are decided), and the
+# map's class-placement loss (`DiffusionTrainConfig.map_loss`). The logged "loss" includes it.
+GROUND_UNET = dict(context_map_grid=8, context_map_channels=16)  # 16 ≥ NUM_CLASSES (13) for the map loss
+GROUND = dict(lr=5e-4, lr_warmup=100, lr_steps=2200, lr_final=1e-5, snr_gamma=5.0, x0_weight_max=25.0, map_loss=0.2,
+              context_map_lr_mult=5.0, ema_decay=0.995)
 
 # Continuing stage 2 (`ldm-train continue`): from the stage-2 weights and EMA, a fresh warm-up
 # and cosine, min-SNR-5 weighting (more of the gradient on the noisy steps that decide shape
@@ -147,6 +171,24 @@ def layout_tokens(config: LayoutEncoderConfig, scenes: Sequence[Scene]) -> torch
     return torch.stack([tokenize_layout(config, scene_layout(s)) for s in scenes])
 
 
+def occupancy(scenes: Sequence[Scene], grid: int) -> torch.Tensor:
+    """[B, NUM_CLASSES, grid, grid]: the share of each grid cell each class (0: background) covers."""
+    semantic = torch.from_numpy(np.stack([s.semantic for s in scenes]))
+    one_hot = F.one_hot(semantic, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(one_hot, grid)
+
+
+def map_cross_entropy(grid_map: torch.Tensor, occ: torch.Tensor) -> torch.Tensor:
+    """Summed over the (sample, class) pairs present: −Σ_cells q·log softmax(logits), where the logits
+    are channel k of `grid_map` [B, C, G, G] over its cells and q is class k's coverage in `occ`
+    [B, NUM_CLASSES, G, G] normalised to sum 1 (classes 1 …; background is not placed)."""
+    logp = torch.log_softmax(grid_map[:, 1:NUM_CLASSES].flatten(2), dim=-1)
+    q = occ[:, 1:].flatten(2)
+    mass = q.sum(-1, keepdim=True)
+    present = (mass > 0).squeeze(-1)
+    return -((q / mass.clamp(min=1e-12)) * logp).sum(-1)[present].sum()
+
+
 def build_layout_encoder(config: LayoutEncoderConfig, seed: int) -> LayoutEncoder:
     return seeded(LayoutEncoder, config, seed)
 
@@ -157,6 +199,25 @@ def build_text_encoder(config: TextEncoderConfig, seed: int) -> ClipTextEncoder:
 
 def build_unet(config: UNetConfig, seed: int) -> UNetModel:
     return seeded(UNetModel, config, seed)
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
+    """A single-file checkpoint written by `export_checkpoint`: its config (from the metadata), tensors, metadata."""
+    from ..checkpoint import read_weights
+    from ..detect import CONFIG_METADATA_KEY
+
+    wf = read_weights(path)
+    if CONFIG_METADATA_KEY not in wf.metadata:
+        raise ValueError(f"{path}: carries no {CONFIG_METADATA_KEY} metadata; training can start only from a "
+                         "checkpoint this project exported (ldm-train export)")
+    return ModelConfig.from_dict(json.loads(wf.metadata[CONFIG_METADATA_KEY])), wf.tensors, wf.metadata
+
+
+def checkpoint_autoencoder(path: str | Path) -> tuple[AutoencoderKL, VAEConfig]:
+    """The (frozen, float32) autoencoder of an exported single-file checkpoint."""
+    config, tensors, _ = read_checkpoint(path)
+    ae = AutoencoderKL.from_state_dict(config.vae, sub_state(tensors, "first_stage_model."), torch.float32)
+    return ae.eval().requires_grad_(False), config.vae
 
 
 def load_stage1(folder: str | Path) -> tuple[AutoencoderKL, VAEConfig]:
@@ -175,12 +236,18 @@ class DiffusionStage(Stage):
     def __init__(self, folder: str | Path, autoencoder: AutoencoderKL, config: DiffusionTrainConfig = DiffusionTrainConfig(),
                  scenes: SceneConfig = SceneConfig(), init: str | Path | None = None) -> None:
         """`init`: a finished diffusion run folder to continue from (its weights, EMA weights and
-        latent scale; a fresh optimizer and learning-rate schedule from this config). The
-        architecture must match; the noise schedule and prediction may change (a fine-tune onto them)."""
+        latent scale; a fresh optimizer and learning-rate schedule from this config), or an exported
+        single-file checkpoint (`.safetensors`; its weights start both the model and the EMA). The
+        architecture must match, except that this config may add input channels or the UNet's
+        context map (new weights start at zero effect); the noise schedule and prediction may
+        change (a fine-tune onto them)."""
         super().__init__(folder, config.init_seed)
         if config.coord_channels and config.unet.in_channels != config.unet.out_channels + 2:
             raise ValueError(f"DiffusionTrainConfig: with coord_channels, unet.in_channels must be the latent's "
                              f"{config.unet.out_channels} + 2, not {config.unet.in_channels}")
+        if config.map_loss > 0 and (config.unet.context_map_grid == 0 or config.unet.context_map_channels < NUM_CLASSES):
+            raise ValueError(f"DiffusionTrainConfig: map_loss needs unet.context_map_grid > 0 and "
+                             f"context_map_channels ≥ {NUM_CLASSES} (one per scene class and background)")
         if config.unet.context_dim != config.text.hidden_size:
             raise ValueError(f"DiffusionTrainConfig: unet.context_dim ({config.unet.context_dim}) must equal "
                              f"text.hidden_size ({config.text.hidden_size})")
@@ -197,7 +264,12 @@ class DiffusionStage(Stage):
             self.layout = build_layout_encoder(config.layout, config.init_seed + 2)
             self.modules["layout"] = self.layout
         params = [p for m in self.modules.values() for p in m.parameters()]
-        self.optimizers["main"] = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        groups: list[dict] = [{"params": params, "lr_mult": 1.0}]
+        if config.context_map_lr_mult != 1.0 and self.unet.context_map is not None:
+            own = {id(p) for p in self.unet.context_map.parameters()}
+            groups = [{"params": [p for p in params if id(p) not in own], "lr_mult": 1.0},
+                      {"params": list(self.unet.context_map.parameters()), "lr_mult": config.context_map_lr_mult}]
+        self.optimizers["main"] = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.emas = {name: EMA(m, config.ema_decay) for name, m in self.modules.items()}
         self.tokens = PromptTokens(config.text)
         abar = alphas_cumprod(config.schedule)
@@ -207,10 +279,46 @@ class DiffusionStage(Stage):
             self.loss_weight = (snr.clamp(max=config.snr_gamma) / (snr + (config.prediction == "v"))).float()
         else:
             self.loss_weight = torch.ones_like(snr).float()
+        if config.x0_weight_max > 0:
+            self.loss_weight += (1 / (snr + (config.prediction == "v"))).clamp(max=config.x0_weight_max).float()
         self.latent_scale: float | None = None
         self.init_steps = 0  # steps of the run(s) this one continues
+        self.init_file: str | None = None  # the exported checkpoint this run started from, if any
         if init is not None:
-            self._continue_from(Path(init))
+            init = Path(init)
+            if init.is_file():
+                self._init_from_checkpoint(init)
+                self.init_file = str(init)
+            else:
+                self._continue_from(init)
+
+    def _init_from_checkpoint(self, path: Path) -> None:
+        from ..checkpoint import LAYOUT_PREFIX
+        from ..detect import text_prefixes
+
+        config, tensors, metadata = read_checkpoint(path)
+        unet = self.config.unet
+        base = config.unet.replace(context_map_grid=unet.context_map_grid, context_map_channels=unet.context_map_channels)
+        if (base, config.text_encoders, config.layout) != (unet, (self.config.text,), self.config.layout):
+            raise ValueError(f"{path}: its model architecture differs from this config; cannot start from it")
+        if config.unet.context_map_grid and config.unet != unet:
+            raise ValueError(f"{path}: its context map differs from this config's; cannot start from it")
+
+        def take(module: torch.nn.Module, prefix: str, may_lack: str | None = None) -> None:
+            sd = {k: v.float() for k, v in sub_state(tensors, prefix).items()}
+            missing, unexpected = module.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not (may_lack and k.startswith(may_lack))]
+            if missing or unexpected:
+                raise ValueError(f"{path}: weights under {prefix!r} do not fit: missing {missing[:5]}, unexpected "
+                                 f"{unexpected[:5]}")
+
+        take(self.unet, "model.diffusion_model.", "context_map." if not config.unet.context_map_grid else None)
+        take(self.text, text_prefixes(config)[0])
+        if self.layout is not None:
+            take(self.layout, LAYOUT_PREFIX)
+        self.emas = {name: EMA(m, self.config.ema_decay) for name, m in self.modules.items()}
+        self.latent_scale = float(config.latent_scale)
+        self.init_steps = int(json.loads(metadata.get("ldm_core.train_steps", "{}")).get("diffusion", 0))
 
     def _continue_from(self, folder: Path) -> None:
         tensors, doc = read_state(folder)
@@ -233,7 +341,7 @@ class DiffusionStage(Stage):
 
     def info(self) -> dict:
         return {"config": self.config.to_dict(), "scenes": scene_config_to_dict(self.scenes),
-                "latent_scale": self.latent_scale, "init_steps": self.init_steps}
+                "latent_scale": self.latent_scale, "init_steps": self.init_steps, "init": self.init_file}
 
     def restore_info(self, doc: dict) -> None:
         if DiffusionTrainConfig.from_dict(doc["config"]) != self.config or scene_config_from_dict(doc["scenes"]) != self.scenes:
@@ -295,7 +403,13 @@ class DiffusionStage(Stage):
         captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions)]
         w = self.loss_weight[t].view(-1, 1, 1, 1)
 
+        grid = self.config.unet.context_map_grid
+        map_target = occupancy(batch.scenes, grid) if self.config.map_loss > 0 else None
+        map_err = []
+
         def weighted_sq_err(part: slice, ctx: torch.Tensor) -> torch.Tensor:
+            if map_target is not None:
+                map_err.append(map_cross_entropy(self.unet.context_map.grid_map(ctx), map_target[part]))
             return (w[part] * (self.predict(self.unet, zt[part], t[part], ctx) - target[part]).square()).sum()
 
         sq_err = weighted_sq_err(slice(0, n_text), self.context(captions[:n_text], self.text))
@@ -304,17 +418,23 @@ class DiffusionStage(Stage):
             ctx = self.context(captions, self.text, self.layout, batch.scenes[n_text:])
             sq_err = sq_err + weighted_sq_err(slice(n_text, b), ctx)
         loss = sq_err / eps.numel()
+        logs = {}
+        if map_target is not None:
+            present = int((map_target[:, 1:].flatten(2).sum(-1) > 0).sum())
+            map_loss = sum(map_err) / max(present, 1)
+            loss = loss + self.config.map_loss * map_loss
+            logs["map_loss"] = map_loss.item()
         opt = self.optimizers["main"]
         c = self.config
         lr = cosine_lr(step - c.lr_warmup, c.lr, c.lr_final, c.lr_steps - c.lr_warmup)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / c.lr_warmup) if c.lr_warmup else lr
+            group["lr"] = group.get("lr_mult", 1.0) * (lr * min(1.0, (step + 1) / c.lr_warmup) if c.lr_warmup else lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         for name, ema in self.emas.items():
             ema.update(self.modules[name], step)
-        return {"loss": loss.item()}
+        return {"loss": loss.item(), **logs}
 
     @torch.no_grad()
     def validation_loss(self, count: int = 32, seed: int = 0, use_ema: bool = False) -> float:

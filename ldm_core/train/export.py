@@ -36,10 +36,21 @@ def export_checkpoint(stage1: str | Path, stage2: str | Path, path: str | Path, 
                       extra_metadata: dict[str, str] | None = None) -> Path:
     """Write the single-file checkpoint of a finished run (stage-1 and stage-2 run folders).
 
+    `stage1` may instead be an exported checkpoint file whose autoencoder is taken as it is
+    (the `ground` stage trains on the base model's frozen autoencoder).
+
     `dtype` for the UNet and text encoder (EMA weights), `vae_dtype` for the autoencoder
     (default: `dtype`). Returns the path written.
     """
-    t1, doc1 = read_state(Path(stage1))
+    if Path(stage1).is_file():
+        from .diffusion import read_checkpoint
+
+        base, tensors, metadata = read_checkpoint(stage1)
+        t1 = {f"model.ae.{k}": v for k, v in sub_state(tensors, "first_stage_model.").items()}
+        doc1 = {"stage": "autoencoder", "config": {"vae": base.vae.to_dict()},
+                "step": json.loads(metadata.get("ldm_core.train_steps", "{}")).get("autoencoder", 0)}
+    else:
+        t1, doc1 = read_state(Path(stage1))
     t2, doc2 = read_state(Path(stage2))
     if doc1.get("stage") != "autoencoder" or doc2.get("stage") != "diffusion":
         raise ValueError(f"export needs a stage-1 (autoencoder) folder and a stage-2 (diffusion) folder; got "
