@@ -204,19 +204,22 @@ def build_unet(config: UNetConfig, seed: int) -> UNetModel:
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
     """A single-file checkpoint written by `export_checkpoint`: its config (from the metadata), tensors, metadata."""
     from ..checkpoint import read_weights
-    from ..detect import CONFIG_METADATA_KEY
+    from ..detect import CONFIG_METADATA_KEY, config_from_metadata
 
     wf = read_weights(path)
-    if CONFIG_METADATA_KEY not in wf.metadata:
+    config = config_from_metadata(wf.metadata)
+    if config is None:
         raise ValueError(f"{path}: carries no {CONFIG_METADATA_KEY} metadata; training can start only from a "
                          "checkpoint this project exported (ldm-train export)")
-    return ModelConfig.from_dict(json.loads(wf.metadata[CONFIG_METADATA_KEY])), wf.tensors, wf.metadata
+    return config, wf.tensors, wf.metadata
 
 
 def checkpoint_autoencoder(path: str | Path) -> tuple[AutoencoderKL, VAEConfig]:
     """The (frozen, float32) autoencoder of an exported single-file checkpoint."""
+    from ..checkpoint import VAE_PREFIX
+
     config, tensors, _ = read_checkpoint(path)
-    ae = AutoencoderKL.from_state_dict(config.vae, sub_state(tensors, "first_stage_model."), torch.float32)
+    ae = AutoencoderKL.from_state_dict(config.vae, sub_state(tensors, VAE_PREFIX), torch.float32)
     return ae.eval().requires_grad_(False), config.vae
 
 
@@ -238,9 +241,9 @@ class DiffusionStage(Stage):
         """`init`: a finished diffusion run folder to continue from (its weights, EMA weights and
         latent scale; a fresh optimizer and learning-rate schedule from this config), or an exported
         single-file checkpoint (`.safetensors`; its weights start both the model and the EMA). The
-        architecture must match, except that this config may add input channels or the UNet's
-        context map (new weights start at zero effect); the noise schedule and prediction may
-        change (a fine-tune onto them)."""
+        architecture must match, except that this config may add what starts at zero effect: input
+        channels (from a run folder) or the UNet's context map (from a file); the
+        noise schedule and prediction may change (a fine-tune onto them)."""
         super().__init__(folder, config.init_seed)
         if config.coord_channels and config.unet.in_channels != config.unet.out_channels + 2:
             raise ValueError(f"DiffusionTrainConfig: with coord_channels, unet.in_channels must be the latent's "
@@ -293,7 +296,7 @@ class DiffusionStage(Stage):
                 self._continue_from(init)
 
     def _init_from_checkpoint(self, path: Path) -> None:
-        from ..checkpoint import LAYOUT_PREFIX
+        from ..checkpoint import LAYOUT_PREFIX, UNET_PREFIX
         from ..detect import text_prefixes
 
         config, tensors, metadata = read_checkpoint(path)
@@ -312,7 +315,7 @@ class DiffusionStage(Stage):
                 raise ValueError(f"{path}: weights under {prefix!r} do not fit: missing {missing[:5]}, unexpected "
                                  f"{unexpected[:5]}")
 
-        take(self.unet, "model.diffusion_model.", "context_map." if not config.unet.context_map_grid else None)
+        take(self.unet, UNET_PREFIX, "context_map." if not config.unet.context_map_grid else None)
         take(self.text, text_prefixes(config)[0])
         if self.layout is not None:
             take(self.layout, LAYOUT_PREFIX)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import LAYOUT_PREFIX
+from ..checkpoint import LAYOUT_PREFIX, VAE_PREFIX
 from ..config import ModelConfig, VAEConfig
 from ..detect import CONFIG_METADATA_KEY, text_prefixes
 from .diffusion import DiffusionTrainConfig
@@ -46,7 +46,7 @@ def export_checkpoint(stage1: str | Path, stage2: str | Path, path: str | Path, 
         from .diffusion import read_checkpoint
 
         base, tensors, metadata = read_checkpoint(stage1)
-        t1 = {f"model.ae.{k}": v for k, v in sub_state(tensors, "first_stage_model.").items()}
+        t1 = {f"model.ae.{k}": v for k, v in sub_state(tensors, VAE_PREFIX).items()}
         doc1 = {"stage": "autoencoder", "config": {"vae": base.vae.to_dict()},
                 "step": json.loads(metadata.get("ldm_core.train_steps", "{}")).get("autoencoder", 0)}
     else:
