@@ -123,10 +123,15 @@ class UNetConfig(_Config):
     # upsampled to the latent and added to the stem's output by a zero-initialised 1×1 convolution.
     context_map_grid: int = 0
     context_map_channels: int = 16
+    # True: the map pools its tokens with learned weights (`context_map.gate.*`, per channel a
+    # softmax over the tokens, zero-initialised: the plain mean until it learns) instead of the mean.
+    context_map_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.context_map_grid > 0 and self.context_dim is None:
             raise ConfigError("UNetConfig: context_map_grid needs a context_dim")
+        if self.context_map_gate and self.context_map_grid == 0:
+            raise ConfigError("UNetConfig: context_map_gate needs a context map (context_map_grid > 0)")
         if len(self.transformer_depth) != len(self.channel_mult):
             raise ConfigError("UNetConfig: transformer_depth needs one entry per channel_mult level")
         if self.num_heads == -1 and self.num_head_channels == -1:
@@ -222,8 +227,13 @@ class LayoutEncoderConfig(_Config):
     dim_head: int = 64
     ff_mult: int = 4
     classes: tuple[str, ...] = ()
+    # > 0: each object's class token also gets a Fourier embedding of its box, read from its two
+    # corner tokens (`transformer.box_emb`, zero-initialised; 0 is the paper's encoder).
+    box_features: int = 0
 
     def __post_init__(self) -> None:
+        if self.box_features < 0:
+            raise ConfigError(f"LayoutEncoderConfig: box_features must be 0 or more, got {self.box_features}")
         if self.num_classes > self.vocab_size - 1:
             raise ConfigError(f"LayoutEncoderConfig: num_classes {self.num_classes} must be below vocab_size − 1 = "
                               f"{self.vocab_size - 1}")

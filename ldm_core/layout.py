@@ -20,7 +20,9 @@ Vocabulary of the box-layout tokens (as the paper's object-centric builder): V t
 grid of g = ⌊√V⌋ cells per side. A corner (x, y) ∈ [0, 1]² is token
 round(y·(g − 1))·g + round(x·(g − 1)); a class is its id (0..num_classes − 1); V − 1 pads
 the sequence to `max_objects` triples. Tokens share ids; their position in the triple
-says what they are.
+says what they are. With `LayoutEncoderConfig.box_features` > 0 (not in the paper; the embedded
+model uses it), each object's class token also gets a learned embedding of Fourier features of
+its box, so the box's geometry is in one token rather than in two lookup-table entries.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .conditioning import Area, Cond, ConditioningError
@@ -245,11 +248,27 @@ class _Layers(nn.Module):
         return x
 
 
+def box_fourier(config: LayoutEncoderConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """[B, 3·N] token ids → [B, N, 8·F] features of each object's box, F = config.box_features: for
+    v = x0, y0, x1, y1 in turn (fractions, decoded from the corner tokens), sin(2^k·π·v) for
+    k = 0 … F − 1, then cos(2^k·π·v). Pad triples give the features of their pad ids; callers mask them."""
+    g, b = config.grid, tokens.shape[0]
+    corners = tokens.view(b, -1, 3)[..., 1:].float()
+    coords = torch.stack([corners % g, torch.div(corners, g, rounding_mode="floor")], -1).flatten(-2) / (g - 1)
+    angles = coords[..., None] * (math.pi * 2.0 ** torch.arange(config.box_features, device=tokens.device))
+    return torch.cat([angles.sin(), angles.cos()], -1).flatten(-2)
+
+
 class _Transformer(nn.Module):
     def __init__(self, c: LayoutEncoderConfig) -> None:
         super().__init__()
+        self.config = c
         self.token_emb = nn.Embedding(c.vocab_size, c.dim)
         self.pos_emb = _PositionalEmbedding(c.dim, c.max_seq_len)
+        self.box_emb = nn.Linear(8 * c.box_features, c.dim) if c.box_features else None
+        if self.box_emb is not None:
+            nn.init.zeros_(self.box_emb.weight)
+            nn.init.zeros_(self.box_emb.bias)
         self.attn_layers = _Layers(c)
         self.norm = nn.LayerNorm(c.dim)
         self.to_logits = nn.Linear(c.dim, c.vocab_size)  # unused for conditioning; present in checkpoints
@@ -257,6 +276,13 @@ class _Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.token_emb(tokens) + self.pos_emb.emb(positions)[None]
+        if self.box_emb is not None:  # onto each object's class token (the first of its triple)
+            if tokens.shape[1] % 3:
+                raise LayoutError(f"layout tokens come in triples (class, corner, corner); got {tokens.shape[1]}")
+            b, n = tokens.shape
+            real = (tokens.view(b, -1, 3)[..., 0] != self.config.pad_token).unsqueeze(-1)
+            box = self.box_emb(box_fourier(self.config, tokens).to(x.dtype)) * real
+            x = x + F.pad(box.unsqueeze(2), (0, 0, 0, 2)).view(b, n, -1)
         return self.norm(self.attn_layers(x))
 
 

@@ -214,25 +214,40 @@ class ContextMap(nn.Module):
     """Context tokens [B, T, D] → a feature map [B, out_channels, h, w] to add to the stem's output.
 
     Each token goes through `mlp` (Linear D→4D, SiLU, Linear 4D→C·G·G) to a coarse C×G×G map;
-    the maps are averaged over the tokens (so a context repeated to a longer length, as batched
-    guidance does, gives the same map), upsampled bilinearly to h×w and projected by `proj`, a
+    the maps are pooled over the tokens, upsampled bilinearly to h×w and projected by `proj`, a
     1×1 convolution that starts at zero (the UNet is unchanged until it learns). Unlike
     cross-attention, whose place-dependence is a product of learned queries and keys, the map is
     a direct function of the words (or box tokens): "top left" can paint the top left at once.
+
+    Pooling: the mean over the tokens, or with `gated`, per channel c the weighted mean with
+    weights softmax_t(gate(x_t)_c), `gate` a Linear D→C that starts at zero (so it starts as the
+    mean). Either is invariant to the tokens' order and to a context repeated to a longer length
+    (batched guidance); the gate lets a few tokens that say where (box tokens after 77 text
+    tokens, a position word) set a channel without being averaged away.
     """
 
-    def __init__(self, context_dim: int, grid: int, channels: int, out_channels: int) -> None:
+    def __init__(self, context_dim: int, grid: int, channels: int, out_channels: int, gated: bool = False) -> None:
         super().__init__()
         self.grid, self.channels = grid, channels
         self.mlp = nn.Sequential(nn.Linear(context_dim, 4 * context_dim), nn.SiLU(),
                                  nn.Linear(4 * context_dim, channels * grid * grid))
+        self.gate = nn.Linear(context_dim, channels) if gated else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
         self.proj = nn.Conv2d(channels, out_channels, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def grid_map(self, context: torch.Tensor) -> torch.Tensor:
         """The coarse map [B, C, G, G] before upsampling and projection (training supervises part of it)."""
-        return self.mlp(context).mean(dim=1).view(context.shape[0], self.channels, self.grid, self.grid)
+        b, t = context.shape[:2]
+        per_token = self.mlp(context).view(b, t, self.channels, self.grid * self.grid)
+        if self.gate is None:
+            pooled = per_token.mean(dim=1)
+        else:
+            pooled = (self.gate(context).softmax(dim=1).unsqueeze(-1) * per_token).sum(dim=1)
+        return pooled.view(b, self.channels, self.grid, self.grid)
 
     def forward(self, context: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return self.proj(F.interpolate(self.grid_map(context), size=tuple(size), mode="bilinear", align_corners=False))
@@ -268,7 +283,7 @@ class UNetModel(nn.Module):
             )
 
         self.input_blocks = nn.ModuleList([EmbedSequential(Conv2d(c.in_channels, mc, 3, padding=1))])
-        self.context_map = ContextMap(c.context_dim, c.context_map_grid, c.context_map_channels, mc) \
+        self.context_map = ContextMap(c.context_dim, c.context_map_grid, c.context_map_channels, mc, c.context_map_gate) \
             if c.context_map_grid > 0 else None  # type: ignore[arg-type]
         skip_channels = [mc]
         ch = mc

@@ -208,3 +208,45 @@ def test_layout_encode_node_resolves_names_and_ids():
     assert len(conds) == 1 and torch.equal(conds[0].context, want.context)
     with pytest.raises(LayoutError, match="no per-object strength"):
         spec.run(None, layout_encoder=encoder, layout_text="dog | 0 0 1 1 | 2", classes="dog", width=64, height=64)
+
+
+def test_box_fourier_known_answer():
+    """Each object's box (decoded from its corner tokens, fractions of the 10-cell grid) → for v in
+    x0, y0, x1, y1: sin(2^k·π·v), then cos(2^k·π·v), k = 0, 1."""
+    import math
+
+    from ldm_core.layout import box_fourier
+
+    config = SMALL.replace(box_features=2)
+    tokens = tokenize_layout(config, [(3, (0.0, 1.0, 1.0, 1.0)), (4, (1 / 3, 2 / 9, 5 / 9, 7 / 9))])[None]
+    f = box_fourier(config, tokens)
+    assert f.shape == (1, 4, 16)
+    for obj, coords in enumerate([(0.0, 1.0, 1.0, 1.0), (3 / 9, 2 / 9, 5 / 9, 7 / 9)]):
+        want = torch.tensor([f(v * math.pi * m) for v in coords for f in (math.sin, math.cos) for m in (1, 2)])
+        torch.testing.assert_close(f[0, obj], want, atol=1e-6, rtol=0)
+
+
+def test_box_features_start_at_zero_effect_and_skip_padding():
+    """The box embedding starts at zero (the paper's encoder exactly); it feeds each object's class
+    token and never a pad triple: with only its bias set, an all-pad layout is unchanged."""
+    config = SMALL.replace(box_features=3)
+    plain = random_layout_encoder(SMALL, seed=2)
+    boxed = random_layout_encoder(config, seed=2)
+    with torch.no_grad():
+        boxed.transformer.box_emb.weight.zero_()
+        boxed.transformer.box_emb.bias.zero_()
+    missing, unexpected = plain.load_state_dict(boxed.state_dict(), strict=False)
+    assert not missing and unexpected == ["transformer.box_emb.weight", "transformer.box_emb.bias"]
+    tokens = torch.stack([tokenize_layout(SMALL, [(1, (0.1, 0.2, 0.5, 0.6))]), tokenize_layout(SMALL, [])])
+    with torch.no_grad():
+        assert torch.equal(boxed(tokens), plain(tokens))
+        torch.nn.init.normal_(boxed.transformer.box_emb.bias)
+        out = boxed(tokens)
+        assert torch.equal(out[1], plain(tokens)[1]) and (out[0] - plain(tokens)[0]).abs().max() > 1e-3
+        torch.nn.init.normal_(boxed.transformer.box_emb.weight)
+        moved = boxed(tokenize_layout(SMALL, [(1, (0.4, 0.2, 0.9, 0.6))])[None])
+        assert (moved[0] - boxed(tokens[:1])[0]).abs().max() > 1e-3  # the box now moves the class token too
+    with pytest.raises(LayoutError, match="triples"):
+        boxed(tokens[:, :7])
+    with pytest.raises(ConfigError, match="box_features"):
+        SMALL.replace(box_features=-1)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from ldm_core.config import ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ldm_core.loader import load_checkpoint
-from ldm_core.scenes import SceneConfig
+from ldm_core.scenes import SceneConfig, make_scene
 from ldm_core.schedule import DiscreteSchedule
 from ldm_core.train.autoencoder import AutoencoderStage, AutoencoderTrainConfig, build_autoencoder, kl_divergence
 from ldm_core.train.diffusion import (SCENES_LAYOUT, DiffusionStage, DiffusionTrainConfig, PromptTokens, encode_text,
@@ -259,7 +259,8 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
     """`ldm-train all` (the shipped model's command) at one step per stage: a file that loads."""
     from ldm_core.train import __main__ as cli
 
-    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "stage2": 1, "continue": 1, "refine": 1, "ground": 1})
+    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "stage2": 1, "continue": 1, "refine": 1, "ground": 1,
+                                               "place": 1, "sharpen": 1})
     out = tmp_path / "m.safetensors"
     assert cli.main(["all", "--run", str(tmp_path / "run"), "--sample-every", "0", "--batch-size", "2",
                      "--to", str(out)]) == 0
@@ -267,9 +268,10 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
     assert ckpt.layout_encoder is not None and ckpt.vae.factor == 4
     assert (tmp_path / "run" / "stage1_refine" / "state.json").is_file()
     assert (tmp_path / "run" / "base.safetensors").is_file() and (tmp_path / "run" / "ground" / "state.json").is_file()
-    assert ckpt.config.unet.context_map_grid > 0  # the ground stage's UNet was exported
+    assert (tmp_path / "run" / "place" / "state.json").is_file() and (tmp_path / "run" / "sharpen" / "state.json").is_file()
+    assert ckpt.config.unet.context_map_gate and ckpt.config.layout.box_features > 0  # the last stage was exported
     meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["ldm_core.train_steps"])
-    assert meta == {"autoencoder": 1, "diffusion": 3}  # stage 2, one continued step, one ground step
+    assert meta == {"autoencoder": 1, "diffusion": 5}  # stage 2, then one step each of continue, ground, place, sharpen
 
 
 def test_continue_starts_from_the_saved_run_and_trains_on(stage1_run, stage2_run, tmp_path):
@@ -343,6 +345,37 @@ def test_ground_starts_from_an_exported_checkpoint(stage1_run, stage2_run, tmp_p
         DiffusionStage(tmp_path / "x", ae, config.replace(unet=config.unet.replace(model_channels=32)), SCENES, init=base_path)
 
 
+def test_place_continues_a_run_adding_the_gate_and_box_features(stage1_run, tmp_path):
+    """`ldm-train place`: from a run with a context map, the map's gate and the layout encoder's box
+    features are added at zero effect (the same outputs as the run it continues, model and EMA), train,
+    and export to a checkpoint the engine loads with both; a run cannot drop them again."""
+    ae, _ = load_stage1(stage1_run[0])
+    ground_config = DIFF_CONFIG.replace(unet=TINY_UNET.replace(context_map_grid=4, context_map_channels=4), lr_steps=4)
+    ground = DiffusionStage(tmp_path / "ground", ae, ground_config, SCENES)
+    ground.run(2, progress=False)
+    config = ground_config.replace(unet=ground_config.unet.replace(context_map_gate=True),
+                                   layout=TINY_LAYOUT.replace(box_features=2), data_seed=5, init_seed=5)
+    place = DiffusionStage(tmp_path / "place", ae, config, SCENES, init=tmp_path / "ground")
+    assert place.init_steps == 2 and place.latent_scale == ground.latent_scale
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    tokens = layout_tokens(TINY_LAYOUT, [make_scene(5, i, SCENES) for i in range(2)])
+    with torch.no_grad():
+        for new, old in ((place.modules, ground.modules), ({k: e.module for k, e in place.emas.items()},
+                                                          {k: e.module for k, e in ground.emas.items()})):
+            ctx = torch.cat([torch.randn(2, 5, 32), old["layout"](tokens)], 1)
+            assert torch.equal(new["layout"](tokens), old["layout"](tokens))
+            torch.testing.assert_close(new["unet"](x, t, ctx), old["unet"](x, t, ctx), atol=1e-6, rtol=1e-6)
+    place.run(3, progress=False)
+    assert place.unet.context_map.gate.weight.abs().max() > 0 and place.layout.transformer.box_emb.weight.abs().max() > 0
+    path = export_checkpoint(stage1_run[0], tmp_path / "place", tmp_path / "p.safetensors", dtype=torch.float32)
+    ckpt = load_checkpoint(path, device="cpu")
+    assert ckpt.config.unet.context_map_gate and ckpt.config.layout.box_features == 2
+    ema_layout = place.emas["layout"].module.state_dict()
+    assert all(torch.equal(v, ema_layout[k]) for k, v in ckpt.layout_encoder.state_dict().items())
+    with pytest.raises(ValueError, match="added, not removed"):
+        DiffusionStage(tmp_path / "back", ae, ground_config, SCENES, init=tmp_path / "place")
+
+
 def test_occupancy_known_answer():
     """The map loss's target: per grid cell, the share of its pixels each class covers."""
     import numpy as np
@@ -386,10 +419,13 @@ def test_map_cross_entropy_known_answer():
     assert map_cross_entropy(wrong, occ).item() > 40
 
 
-def test_map_loss_trains_the_context_map_to_place_classes(stage1_run, monkeypatch):
+@pytest.mark.parametrize("size", [0, 8])
+def test_map_loss_trains_the_context_map_to_place_classes(stage1_run, monkeypatch, size):
     """With map_loss, train_step teaches the context map where the caption's objects are: on a batch
     it keeps seeing, the map's cross-entropy against the class coverage falls (the diffusion loss
-    trains alongside)."""
+    trains alongside). `map_loss_size` 8 scores the 4×4 map upsampled to 8×8, as the UNet adds it."""
+    import torch.nn.functional as F
+
     from ldm_core.scenes import NUM_CLASSES
     from ldm_core.train import diffusion
     from ldm_core.train.data import scene_batch
@@ -400,14 +436,17 @@ def test_map_loss_trains_the_context_map_to_place_classes(stage1_run, monkeypatc
 
     ae, _ = load_stage1(stage1_run[0])
     config = DIFF_CONFIG.replace(unet=TINY_UNET.replace(context_map_grid=4, context_map_channels=NUM_CLASSES),
-                                 map_loss=1.0, lr=3e-3, lr_steps=30, context_map_lr_mult=3.0)
+                                 map_loss=1.0, lr=3e-3, lr_steps=30, context_map_lr_mult=3.0, map_loss_size=size)
     stage = DiffusionStage("/nonexistent", ae, config, SCENES)
     assert [g["lr_mult"] for g in stage.optimizers["main"].param_groups] == [1.0, 3.0]
+    grid = size or 4
 
     def error() -> float:
         with torch.no_grad():
             ctx = stage.context(batch.captions[:3], stage.text)  # the text part of the batch (1 of 4 has a layout)
-            return map_cross_entropy(stage.unet.context_map.grid_map(ctx), occupancy(batch.scenes[:3], 4)).item()
+            logits = F.interpolate(stage.unet.context_map.grid_map(ctx), size=(grid, grid), mode="bilinear",
+                                   align_corners=False)
+            return map_cross_entropy(logits, occupancy(batch.scenes[:3], grid)).item()
 
     before = error()
     logs = [stage.train_step(i) for i in range(30)]

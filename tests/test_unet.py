@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ldm_core.config import UNetConfig
-from ldm_core.errors import StateDictMismatchError
+from ldm_core.errors import ConfigError, StateDictMismatchError
 from ldm_core.presets import ADM_FOURIER_DIM, PRESETS, adm_scalars, shrink
 from ldm_core.unet import UNetModel, size_embedding, timestep_embedding
 
@@ -337,6 +337,41 @@ def test_context_map_starts_with_no_effect():
     x, t, ctx = torch.randn(2, 4, 12, 12), torch.tensor([10, 900]), torch.randn(2, 5, 8)
     with torch.no_grad():
         assert torch.equal(with_map(x, t, ctx), plain(x, t, ctx))
+
+
+def test_gated_context_map_starts_as_the_mean_and_pools_by_its_gate():
+    """The gate starts at zero: the mean over tokens (a UNet with it computes the ungated one, to
+    rounding). A gate that scores one token far above the rest gives that token's own map; with any gate
+    the map is invariant to the tokens' order and to repeating the context (batched guidance)."""
+    from ldm_core.unet import ContextMap
+
+    torch.manual_seed(0)
+    gated = UNetModel(CONTEXT_MAP_UNET.replace(context_map_gate=True)).eval()
+    plain = UNetModel(CONTEXT_MAP_UNET).eval()
+    missing, unexpected = plain.load_state_dict(gated.state_dict(), strict=False)
+    assert not missing and unexpected == ["context_map.gate.weight", "context_map.gate.bias"]
+    with torch.no_grad():
+        torch.nn.init.normal_(plain.context_map.proj.weight)
+        gated.context_map.proj.weight.copy_(plain.context_map.proj.weight)
+        x, t, ctx = torch.randn(2, 4, 12, 12), torch.tensor([10, 900]), torch.randn(2, 5, 8)
+        torch.testing.assert_close(gated(x, t, ctx), plain(x, t, ctx), atol=1e-6, rtol=1e-6)
+
+    m = ContextMap(context_dim=8, grid=4, channels=3, out_channels=3, gated=True)
+    ctx = torch.randn(1, 6, 8)
+    ctx[0, :, 0] = 0.0
+    ctx[0, 2, 0] = 10.0  # token 2 alone has feature 0
+    with torch.no_grad():
+        m.gate.weight[:, 0] = 5.0  # every channel scores token 2 at 50, the rest at 0
+        own = m.mlp(ctx[:, 2:3]).view(1, 3, 4, 4)
+        torch.testing.assert_close(m.grid_map(ctx), own, atol=1e-6, rtol=1e-6)
+        torch.nn.init.normal_(m.gate.weight)
+        torch.nn.init.normal_(m.proj.weight)
+        out = m(ctx, (8, 8))
+        torch.testing.assert_close(m(ctx[:, torch.randperm(6)], (8, 8)), out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m(ctx.repeat(1, 3, 1), (8, 8)), out, atol=1e-5, rtol=1e-5)
+        assert (m.grid_map(ctx) - m.mlp(ctx).mean(1).view(1, 3, 4, 4)).abs().max() > 1e-3  # no longer the mean
+    with pytest.raises(ConfigError, match="context_map_gate"):
+        CONTEXT_MAP_UNET.replace(context_map_grid=0, context_map_gate=True)
 
 
 def test_context_map_known_answer_and_repeat_invariance():

@@ -6,6 +6,8 @@
     ldm-train refine --run runs/scenes --steps 1000      # decoder only, frozen encoder → runs/scenes/stage1_refine
     ldm-train export --run runs/scenes --to runs/scenes/base.safetensors   # the base model
     ldm-train ground --run runs/scenes --steps 2200      # base + the UNet's context map → runs/scenes/ground
+    ldm-train place --run runs/scenes --steps 2000       # ground + gated map, box features → runs/scenes/place
+    ldm-train sharpen --run runs/scenes --steps 2000     # place on, map scored at 16×16 → runs/scenes/sharpen
     ldm-train export --run runs/scenes --to models/scenes.safetensors
     ldm-train all --run runs/scenes                       # all of the above with the shipped step counts
     ldm-train estimate                                    # seconds per step of each stage here
@@ -72,6 +74,41 @@ def _ground(args: argparse.Namespace):
     return DiffusionStage(Path(args.run) / "ground", ae, config, init=init)
 
 
+def _ground_base(run: Path) -> Path:
+    """The base checkpoint the run's ground stage started from (its autoencoder is the model's)."""
+    state = run / "ground" / "state.json"
+    started = json.loads(state.read_text()).get("init") if state.is_file() else None
+    return Path(started) if started and Path(started).is_file() else run / BASE_FILE
+
+
+def _placed(args: argparse.Namespace, name: str, after: str, seed: int, settings: dict):
+    """A stage with the place stage's architecture (gated map, box features), continuing run folder `after`."""
+    from .diffusion import PLACE_LAYOUT, PLACE_UNET, SCENES_LAYOUT, SCENES_UNET, DiffusionStage, DiffusionTrainConfig, \
+        checkpoint_autoencoder
+    from .state import has_state
+
+    run = Path(args.run)
+    if not has_state(run / after):
+        raise SystemExit(f"ldm-train {name}: no saved run in {run / after}; run the stages before it first "
+                         f"(ldm-train all --run {args.run} runs them in order)")
+    ae, _ = checkpoint_autoencoder(_ground_base(run))
+    config = _batch(DiffusionTrainConfig(unet=SCENES_UNET.replace(**PLACE_UNET), layout=SCENES_LAYOUT.replace(**PLACE_LAYOUT),
+                                         data_seed=args.seed + seed, init_seed=args.seed + seed, **settings), args)
+    return DiffusionStage(run / name, ae, config, init=run / after)
+
+
+def _place(args: argparse.Namespace):
+    from .diffusion import PLACE
+
+    return _placed(args, "place", "ground", 5, PLACE)
+
+
+def _sharpen(args: argparse.Namespace):
+    from .diffusion import SHARPEN
+
+    return _placed(args, "sharpen", "place", 6, SHARPEN)
+
+
 def _train(make, args: argparse.Namespace) -> int:
     stage = make(args)
     if stage.resume():
@@ -83,13 +120,15 @@ def _train(make, args: argparse.Namespace) -> int:
 
 
 # Training commands in the order `ldm-train all` runs them.
-STAGES = {"stage1": _stage1, "stage2": _stage2, "continue": _continue, "refine": _refine, "ground": _ground}
+STAGES = {"stage1": _stage1, "stage2": _stage2, "continue": _continue, "refine": _refine, "ground": _ground,
+          "place": _place, "sharpen": _sharpen}
 
 # The step counts of the shipped ldm_core/data/ldm-scenes.safetensors (`ldm-train all`).
-# `continue` runs to the end of its cosine (diffusion.CONTINUE["lr_steps"]).
-SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "continue": None, "refine": 1000, "ground": None}
+# None: to the end of the stage's cosine (its config's lr_steps).
+SHIPPED_STEPS = {"stage1": 2500, "stage2": 2800, "continue": None, "refine": 1000, "ground": None, "place": None,
+                 "sharpen": None}
 # Diffusion run folders, latest first: the export takes the first that holds a saved state.
-DIFFUSION_FOLDERS = ("ground", "stage2_continue", "stage2")
+DIFFUSION_FOLDERS = ("sharpen", "place", "ground", "stage2_continue", "stage2")
 # The base model (stages up to refine, exported) that `ground` starts from, inside the run folder.
 BASE_FILE = "base.safetensors"
 
@@ -97,14 +136,15 @@ BASE_FILE = "base.safetensors"
 def _all(args: argparse.Namespace) -> int:
     """Every stage to the shipped step count, then the export (each stage resumes if interrupted)."""
     from .. import embedded
-    from .diffusion import CONTINUE, GROUND
+    from .diffusion import CONTINUE, GROUND, PLACE, SHARPEN
 
     final = args.to or str(embedded.EMBEDDED_PATH)
     for name, make in STAGES.items():
         if name == "ground" and not (Path(args.run) / BASE_FILE).is_file():  # ground starts from the base export
             args.to = str(Path(args.run) / BASE_FILE)
             _export(args, base=True)
-        args.steps = SHIPPED_STEPS[name] or {"continue": CONTINUE, "ground": GROUND}[name]["lr_steps"]
+        args.steps = SHIPPED_STEPS[name] or {"continue": CONTINUE, "ground": GROUND, "place": PLACE,
+                                         "sharpen": SHARPEN}[name]["lr_steps"]
         _train(make, args)
     args.to = final
     return _export(args)
@@ -146,11 +186,10 @@ def _export(args: argparse.Namespace, base: bool = False) -> int:
 
     run = Path(args.run)
     stage1 = run / "stage1_refine" if has_state(run / "stage1_refine") else run / "stage1"
-    folders = DIFFUSION_FOLDERS[1:] if base else DIFFUSION_FOLDERS
+    folders = DIFFUSION_FOLDERS[DIFFUSION_FOLDERS.index("stage2_continue"):] if base else DIFFUSION_FOLDERS
     stage2 = next((run / f for f in folders if has_state(run / f)), run / "stage2")
-    if stage2.name == "ground":  # trained on the base model's autoencoder
-        started = json.loads((stage2 / "state.json").read_text()).get("init")
-        stage1 = Path(started) if started and Path(started).is_file() else run / BASE_FILE
+    if stage2.name in ("ground", "place", "sharpen"):  # trained on the base model's autoencoder
+        stage1 = _ground_base(run)
     print(f"autoencoder from {stage1}, diffusion from {stage2}", file=sys.stderr)
     path = export_checkpoint(stage1, stage2, args.to, dtype=dtype)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
@@ -163,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     helps = {"stage1": "train the autoencoder", "stage2": "train the diffusion model",
              "continue": "train the diffusion model further from stage2 with a fresh schedule (min-SNR loss)",
              "refine": "train the autoencoder's decoder further on its frozen encoder",
-             "ground": "add the UNet's context map to the exported base model and train on (positions, layouts)"}
+             "ground": "add the UNet's context map to the exported base model and train on (positions, layouts)",
+             "place": "train the ground run on with the context map's gated pooling and the boxes' Fourier features",
+             "sharpen": "train the place run on with more layouts and the map scored at the latent's size"}
 
     def run_args(p: argparse.ArgumentParser, save_every: int, sample_every: int) -> None:
         p.add_argument("--run", required=True, help="run folder (stage1/, stage2/, stage2_continue/, stage1_refine/ live inside)")
