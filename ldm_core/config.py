@@ -119,8 +119,9 @@ class UNetConfig(_Config):
     num_classes: int | None = None  # class-conditional LDMs: nn.Embedding(num_classes, time_embed_dim)
     norm_groups: int = 32
     # > 0: an additive spatial path from the context (`context_map.*`, see unet.ContextMap): every
-    # context token → a [context_map_channels, G, G] map through a small MLP, the mean over tokens,
-    # upsampled to the latent and added to the stem's output by a zero-initialised 1×1 convolution.
+    # context token → a [context_map_channels, G, G] map through a small MLP, pooled over the tokens
+    # (the mean, or gated: see context_map_gate), upsampled to the latent and added to the stem's
+    # output by a zero-initialised 1×1 convolution.
     context_map_grid: int = 0
     context_map_channels: int = 16
     # True: the map pools its tokens with learned weights (`context_map.gate.*`, per channel a

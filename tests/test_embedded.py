@@ -17,6 +17,7 @@ from nodes.cli import main as ldm_run
 from nodes.context import NodeContext
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+SEED_LAYOUT_TEST = 424_242
 
 pytestmark = pytest.mark.skipif(embedded_checkpoint() is None, reason="the embedded checkpoint is not in this checkout")
 
@@ -60,18 +61,17 @@ def test_reconstruction_psnr_at_least_30_db(ckpt):
 
 def test_pictures_follow_their_prompts(ckpt):
     """Default settings (DPM++ 2M Karras, 20 steps, CFG 5), 16 held-out one-object captions:
-    colour and shape right: issue 7's target of 0.9. Two-object captions (16): issue 7's target
-    of 0.75. Position words and relations: a floor under what the model measures (0.48 on the
-    bench's 56 prompts; target 0.75, not reached yet), far above the base model's 0.12. The full
-    table: `python -m bench.quality`."""
+    colour and shape right: issue 7's target of 0.9. Two-object captions (24, so that one prompt
+    is not the whole margin): issue 7's target of 0.75. Position words and relations: issue 7's target of 0.75 (the bench measures 0.94;
+    the base model 0.12). The full table: `python -m bench.quality`."""
     r = adherence(ckpt, eval_scenes({1: 16}), Settings())
     print(r)
     assert r["objects_correct_1"] >= 0.9
-    r2 = adherence(ckpt, eval_scenes({2: 16}), Settings())
+    r2 = adherence(ckpt, eval_scenes({2: 24}), Settings())
     print(r2)
     assert r2["objects_correct_2"] >= 0.75
     spatial = [v for v in (r["spatial_correct"], r2["spatial_correct"]) if v == v]  # nan: no position stated
-    assert spatial and sum(spatial) / len(spatial) >= 0.3
+    assert spatial and sum(spatial) / len(spatial) >= 0.75
 
 
 def test_corner_words_move_the_object(ckpt):
@@ -100,6 +100,17 @@ def test_layout_tokens_reach_the_picture(ckpt):
     with_layout = generate(ckpt, [layout_cond(ckpt, scene)], Settings(steps=8))
     without = generate(ckpt, [ckpt.text_encoder.encode("")], Settings(steps=8))
     assert (with_layout - without).abs().mean().item() > 0.02
+
+
+def test_layouts_put_objects_in_their_boxes(ckpt):
+    """Layout-to-image from boxes alone (prompt ""), default settings, 12 held-out layouts of one to
+    three objects (the bench scores layouts on another stream): issue 7's target, box IoU ≥ 0.5 for at
+    least 80% of the objects (the bench measures 0.88 on 60 objects; the ground model 0.20)."""
+    from ldm_core.quality import layout_scores
+
+    r = layout_scores(ckpt, eval_scenes({1: 4, 2: 4, 3: 4}, seed=SEED_LAYOUT_TEST), Settings())
+    print(r)
+    assert r["iou_at_least_0.5"] >= 0.8
 
 
 def test_a_broken_text_path_is_caught(ckpt, monkeypatch):
