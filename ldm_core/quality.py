@@ -19,7 +19,7 @@ import torch
 
 from . import conditioning
 from .conditioning import Cond
-from .evaluate import box_iou, detect_objects, psnr, score_image, summarize
+from .evaluate import ImageScore, box_iou, detect_objects, psnr, score_image, summarize
 from .latent import empty
 from .model import Checkpoint
 from .pipeline import ksample
@@ -90,14 +90,20 @@ def layout_cond(ckpt: Checkpoint, scene: Scene, caption: str = "") -> Cond:
     return cond
 
 
-def adherence(ckpt: Checkpoint, scenes: Sequence[Scene], settings: Settings = Settings()) -> dict[str, float]:
-    """Text-to-image from the scenes' captions: objects right by object count, position words
-    and relations honoured, seconds per image."""
+def caption_scores(ckpt: Checkpoint, scenes: Sequence[Scene],
+                   settings: Settings = Settings()) -> tuple[list[ImageScore], float]:
+    """Text-to-image from the scenes' captions: each picture's score, in scene order, and the
+    seconds per image."""
     _need(ckpt)
     start = time.perf_counter()
     images = generate(ckpt, [ckpt.text_encoder.encode(s.caption) for s in scenes], settings, scenes[0].image.shape[0])
     seconds = (time.perf_counter() - start) / len(scenes)
-    scores = [score_image(img, s.caption) for img, s in zip(images, scenes)]
+    return [score_image(img, s.caption) for img, s in zip(images, scenes)], seconds
+
+
+def adherence(ckpt: Checkpoint, scenes: Sequence[Scene], settings: Settings = Settings()) -> dict[str, float]:
+    """Objects right by object count, position words and relations honoured, seconds per image."""
+    scores, seconds = caption_scores(ckpt, scenes, settings)
     return {**summarize(scores), "seconds_per_image": seconds}
 
 

@@ -135,3 +135,17 @@ def test_placement_bench_same_place_known_answers():
     assert not same_place([(14, 14), (50, 14), (14, 50), (50, 50)])  # the four corners: followed
     assert not same_place([(50, 21), None, (50, 21), (50, 21)])  # a prompt without a red object
     assert not same_place([(50, 21), (50, 21), (50, 21), (55, 21)])
+
+
+def test_quality_bench_paired_difference_known_answer():
+    """bench.quality's sampler comparison: per-prompt differences (1, 0, 0, -1, -1) → mean -0.2,
+    standard error sd/√n with the unbiased sd √0.7."""
+    from types import SimpleNamespace
+
+    from bench.quality import paired_difference
+
+    run = [SimpleNamespace(objects_correct=c) for c in (True, True, False, False, False)]
+    ref = [SimpleNamespace(objects_correct=c) for c in (False, True, False, True, True)]
+    mean, se = paired_difference(run, ref)
+    assert mean == pytest.approx(-0.2)
+    assert se == pytest.approx(0.7 ** 0.5 / 5 ** 0.5)
