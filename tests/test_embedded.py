@@ -62,8 +62,9 @@ def test_reconstruction_psnr_at_least_30_db(ckpt):
 def test_pictures_follow_their_prompts(ckpt):
     """Default settings (DPM++ 2M Karras, 20 steps, CFG 5), 16 held-out one-object captions:
     colour and shape right: issue 7's target of 0.9. Two-object captions (24, so that one prompt
-    is not the whole margin): issue 7's target of 0.75. Position words and relations: issue 7's target of 0.75 (the bench measures 0.94;
-    the base model 0.12). The full table: `python -m bench.quality`."""
+    is not the whole margin): issue 7's target of 0.75. Position words and relations: issue 7's
+    target of 0.75 (the bench measures 0.95; the base model 0.12). The full table:
+    `python -m bench.quality`."""
     r = adherence(ckpt, eval_scenes({1: 16}), Settings())
     print(r)
     assert r["objects_correct_1"] >= 0.9
