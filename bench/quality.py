@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ldm_core.embedded import embedded_checkpoint
+from ldm_core.evaluate import objects_rate
 from ldm_core.loader import load_checkpoint
 from ldm_core.quality import Settings, adherence, caption_scores, eval_scenes, layout_scores, reconstruction_psnr
 
@@ -31,11 +32,6 @@ DETERMINISTIC = ("euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc", 
 # Karras for all): PLMS's fixed Adams–Bashforth weights assume the LDM repository's evenly
 # spaced timesteps, which is the `ddim_uniform` scheduler.
 OWN_GRID = {"plms": "ddim_uniform"}
-
-
-def _objects_rate(scores: list) -> float:
-    """Share of the pictures whose detected objects are exactly the prompt's."""
-    return sum(bool(s.objects_correct) for s in scores) / len(scores)
 
 
 def paired_difference(scores: list, reference: list) -> tuple[float, float]:
@@ -82,14 +78,14 @@ def run(args: argparse.Namespace) -> list[tuple]:
     cmp_scenes = eval_scenes({1: n1 // 2, 2: n2 // 2}, seed=424_242)
     ref, _ = caption_scores(ckpt, cmp_scenes, replace(base, sampler="ddpm", scheduler="normal", steps=args.ddpm_steps,
                                                         batch=64))
-    ref_rate = _objects_rate(ref)
+    ref_rate = objects_rate(ref)
     add(f"DDPM {args.ddpm_steps} steps (reference)", ref_rate, "—", None, f"{len(cmp_scenes)} prompts, objects right")
     runs = [(s, base.scheduler) for s in DETERMINISTIC] + list(OWN_GRID.items())
     for steps in (20, 30):
         for sampler, scheduler in runs:
             settings = replace(base, sampler=sampler, scheduler=scheduler, steps=steps, batch=64)
             scores, seconds = caption_scores(ckpt, cmp_scenes, settings)
-            rate = _objects_rate(scores)
+            rate = objects_rate(scores)
             diff, se = paired_difference(scores, ref)  # diff is rate − ref_rate; the verdict uses the rates
             grid = "" if scheduler == base.scheduler else f" ({scheduler})"
             add(f"{sampler}{grid} {steps} steps", rate, "within 0.05 of DDPM", rate - ref_rate >= -0.05,

@@ -366,6 +366,11 @@ def _numpy(x):
     return x.detach().float().cpu().numpy() if hasattr(x, "detach") else x
 
 
+def objects_rate(scores: Sequence[ImageScore]) -> float:
+    """Share of the pictures whose detected objects are exactly the caption's."""
+    return sum(bool(s.objects_correct) for s in scores) / len(scores)
+
+
 def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
     """Rates over many images, split by how many objects the caption names."""
     out: dict[str, float] = {}
@@ -373,7 +378,7 @@ def summarize(scores: Sequence[ImageScore]) -> dict[str, float]:
     for s in scores:
         by_count.setdefault(s.objects_total, []).append(s)
     for n, group in sorted(by_count.items()):
-        out[f"objects_correct_{n}"] = sum(s.objects_correct for s in group) / len(group)
+        out[f"objects_correct_{n}"] = objects_rate(group)
     spatial = sum(s.spatial_total for s in scores)
     out["spatial_correct"] = sum(s.spatial_correct for s in scores) / spatial if spatial else float("nan")
     out["images"] = float(len(scores))
