@@ -272,6 +272,9 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
     assert ckpt.config.unet.context_map_gate and ckpt.config.layout.box_features > 0  # the last stage was exported
     meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["ldm_core.train_steps"])
     assert meta == {"autoencoder": 1, "diffusion": 5}  # stage 2, then one step each of continue, ground, place, sharpen
+    if not torch.cuda.is_available():  # a device this torch lacks: a clear exit naming the command
+        with pytest.raises(SystemExit, match="ldm-train sharpen: device 'cuda'.*--device cpu"):
+            cli.main(["sharpen", "--run", str(tmp_path / "run"), "--steps", "2", "--device", "cuda"])
 
 
 def test_continue_starts_from_the_saved_run_and_trains_on(stage1_run, stage2_run, tmp_path):
@@ -490,3 +493,28 @@ def test_cosine_lr_known_answers():
     assert cosine_lr(-5, 1.0, 0.1, 100) == cosine_lr(0, 1.0, 0.1, 100) == 1.0  # warm-up steps stay at lr
     assert cosine_lr(50, 1.0, 0.1, 100) == pytest.approx(0.55)
     assert cosine_lr(100, 1.0, 0.1, 100) == cosine_lr(500, 1.0, 0.1, 100) == pytest.approx(0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_diffusion_stage_on_cuda_follows_the_cpu_run(stage1_run, tmp_path):
+    """device="cuda": the same scenes and random draws as on the CPU (all drawn there), so the first
+    steps' losses agree up to float arithmetic; the saved state is device-free (the CPU resumes it,
+    and the export loads), and the sample grid draws."""
+    from ldm_core.scenes import NUM_CLASSES
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    ae, _ = load_stage1(stage1_run[0])
+    config = DIFF_CONFIG.replace(unet=TINY_UNET.replace(context_map_grid=4, context_map_channels=NUM_CLASSES,
+                                                        context_map_gate=True), map_loss=0.5, snr_gamma=5.0,
+                                 x0_weight_max=25.0)
+    cpu = DiffusionStage(tmp_path / "cpu", ae, config, SCENES).run(4, log_every=1, progress=False)
+    gpu_stage = DiffusionStage(tmp_path / "gpu", ae, config, SCENES, device="cuda")
+    gpu = gpu_stage.run(4, log_every=1, progress=False)
+    for a, b in zip(cpu, gpu):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3) and b["map_loss"] == pytest.approx(a["map_loss"], rel=1e-3)
+    gpu_stage.write_samples(tmp_path / "gpu" / "samples.png")
+    again = DiffusionStage(tmp_path / "gpu", ae, config, SCENES)  # on the CPU
+    assert again.resume() and again.step == 4
+    again.run(5, progress=False)
+    path = export_checkpoint(stage1_run[0], tmp_path / "gpu", tmp_path / "model.safetensors")
+    assert load_checkpoint(str(path), device="cpu").layout_encoder is not None

@@ -29,11 +29,21 @@ def _batch(config, args: argparse.Namespace):
     return config.replace(batch_size=args.batch_size) if args.batch_size else config
 
 
+def _device(args: argparse.Namespace):
+    """--device as a torch device (cpu by default: the recipe's timings are a CPU's), or a clear exit."""
+    from ..device import DeviceError, pick_device
+
+    try:
+        return pick_device(getattr(args, "device", "cpu"))
+    except DeviceError as e:
+        raise SystemExit(f"ldm-train {args.command}: {e}") from None
+
+
 def _stage1(args: argparse.Namespace):
     from .autoencoder import AutoencoderStage, AutoencoderTrainConfig
 
     config = _batch(AutoencoderTrainConfig(data_seed=args.seed, init_seed=args.seed), args)
-    return AutoencoderStage(Path(args.run) / "stage1", config)
+    return AutoencoderStage(Path(args.run) / "stage1", config, device=_device(args))
 
 
 def _refine(args: argparse.Namespace):
@@ -42,7 +52,7 @@ def _refine(args: argparse.Namespace):
 
     ae, vae_config = load_stage1(Path(args.run) / "stage1")
     config = _batch(AutoencoderTrainConfig(vae=vae_config, data_seed=args.seed + 2, init_seed=args.seed + 2, **REFINE), args)
-    return AutoencoderStage(Path(args.run) / "stage1_refine", config, init=ae)
+    return AutoencoderStage(Path(args.run) / "stage1_refine", config, init=ae, device=_device(args))
 
 
 def _stage2(args: argparse.Namespace):
@@ -50,7 +60,7 @@ def _stage2(args: argparse.Namespace):
 
     ae, _ = load_stage1(Path(args.run) / "stage1")
     config = _batch(DiffusionTrainConfig(data_seed=args.seed + 1, init_seed=args.seed + 1), args)
-    return DiffusionStage(Path(args.run) / "stage2", ae, config)
+    return DiffusionStage(Path(args.run) / "stage2", ae, config, device=_device(args))
 
 
 def _continue(args: argparse.Namespace):
@@ -58,7 +68,8 @@ def _continue(args: argparse.Namespace):
 
     ae, _ = load_stage1(Path(args.run) / "stage1")
     config = _batch(DiffusionTrainConfig(data_seed=args.seed + 3, init_seed=args.seed + 3, **CONTINUE), args)
-    return DiffusionStage(Path(args.run) / "stage2_continue", ae, config, init=Path(args.run) / "stage2")
+    return DiffusionStage(Path(args.run) / "stage2_continue", ae, config, init=Path(args.run) / "stage2",
+                          device=_device(args))
 
 
 def _ground(args: argparse.Namespace):
@@ -71,7 +82,7 @@ def _ground(args: argparse.Namespace):
     ae, _ = checkpoint_autoencoder(init)
     config = _batch(DiffusionTrainConfig(unet=SCENES_UNET.replace(**GROUND_UNET), data_seed=args.seed + 4,
                                          init_seed=args.seed + 4, **GROUND), args)
-    return DiffusionStage(Path(args.run) / "ground", ae, config, init=init)
+    return DiffusionStage(Path(args.run) / "ground", ae, config, init=init, device=_device(args))
 
 
 def _ground_base(run: Path) -> Path:
@@ -94,7 +105,7 @@ def _placed(args: argparse.Namespace, name: str, after: str, seed: int, settings
     ae, _ = checkpoint_autoencoder(_ground_base(run))
     config = _batch(DiffusionTrainConfig(unet=SCENES_UNET.replace(**PLACE_UNET), layout=SCENES_LAYOUT.replace(**PLACE_LAYOUT),
                                          data_seed=args.seed + seed, init_seed=args.seed + seed, **settings), args)
-    return DiffusionStage(run / name, ae, config, init=run / after)
+    return DiffusionStage(run / name, ae, config, init=run / after, device=_device(args))
 
 
 def _place(args: argparse.Namespace):
@@ -213,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--log-every", type=int, default=10)
         p.add_argument("--save-every", type=int, default=save_every)
         p.add_argument("--sample-every", type=int, default=sample_every)
+        p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto; data and random draws "
+                       "stay on the CPU, so only the arithmetic differs between devices")
 
     for name in STAGES:
         p = sub.add_parser(name, help=helps[name])

@@ -103,13 +103,18 @@ class AutoencoderStage(Stage):
     name = "autoencoder"
 
     def __init__(self, folder: str | Path, config: AutoencoderTrainConfig = AutoencoderTrainConfig(),
-                 scenes: SceneConfig = SceneConfig(), init: AutoencoderKL | None = None) -> None:
-        """`init`: start from these weights (a refine run starts from its stage-1 autoencoder)."""
+                 scenes: SceneConfig = SceneConfig(), init: AutoencoderKL | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        """`init`: start from these weights (a refine run starts from its stage-1 autoencoder).
+        `device`: where the networks train; scenes and the posterior's noise still come from the
+        CPU generator, and the saved state is device-free."""
         super().__init__(folder, config.init_seed)
         self.config, self.scenes = config, scenes
+        self.device = torch.device(device)
         self.ae = build_autoencoder(config.vae, config.init_seed, config.logvar_init)
         if init is not None:
             self.ae.load_state_dict(init.state_dict())
+        self.ae.to(self.device)
         self.modules["ae"] = self.ae
         params = self.ae.parameters()
         if config.decoder_only:
@@ -119,7 +124,7 @@ class AutoencoderStage(Stage):
         self.optimizers["ae"] = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), weight_decay=0.0)
         self.disc = None
         if config.disc_weight > 0:
-            self.disc = seeded(PatchDiscriminator, config.disc_channels, config.init_seed + 1)
+            self.disc = seeded(PatchDiscriminator, config.disc_channels, config.init_seed + 1).to(self.device)
             self.modules["disc"] = self.disc
             self.optimizers["disc"] = torch.optim.AdamW(self.disc.parameters(), lr=config.lr,
                                                         betas=tuple(config.betas), weight_decay=0.0)
@@ -152,7 +157,7 @@ class AutoencoderStage(Stage):
         return loss, parts, rec
 
     def train_step(self, step: int) -> dict[str, float]:
-        x = scene_batch(self.config.data_seed, step, self.config.batch_size, self.scenes).images
+        x = scene_batch(self.config.data_seed, step, self.config.batch_size, self.scenes).images.to(self.device)
         loss, parts, rec = self.losses(x, step)
         opt = self.optimizers["ae"]
         for group in opt.param_groups:
@@ -171,12 +176,12 @@ class AutoencoderStage(Stage):
     @torch.no_grad()
     def heldout_psnr(self, count: int = 32) -> float:
         """PSNR (dB, images in 0..1) of mode reconstructions of held-out scenes."""
-        x = heldout_batch(self.config.data_seed, count, self.scenes).images
+        x = heldout_batch(self.config.data_seed, count, self.scenes).images.to(self.device)
         rec = self.ae.eval().decode(self.ae.encode(x).mode())
         return psnr((x + 1) / 2, ((rec + 1) / 2).clamp(0, 1))
 
     @torch.no_grad()
     def write_samples(self, path: Path) -> None:
         x = heldout_batch(self.config.data_seed, 8, self.scenes).images
-        rec = self.ae.eval().decode(self.ae.encode(x).mode())
+        rec = self.ae.eval().decode(self.ae.encode(x.to(self.device)).mode()).cpu()
         image_grid([x, rec]).save(path)

@@ -256,14 +256,19 @@ class DiffusionStage(Stage):
     name = "diffusion"
 
     def __init__(self, folder: str | Path, autoencoder: AutoencoderKL, config: DiffusionTrainConfig = DiffusionTrainConfig(),
-                 scenes: SceneConfig = SceneConfig(), init: str | Path | None = None) -> None:
+                 scenes: SceneConfig = SceneConfig(), init: str | Path | None = None,
+                 device: str | torch.device = "cpu") -> None:
         """`init`: a finished diffusion run folder to continue from (its weights, EMA weights and
         latent scale; a fresh optimizer and learning-rate schedule from this config), or an exported
         single-file checkpoint (`.safetensors`; its weights start both the model and the EMA). The
         architecture must match, except that this config may add what starts at zero effect: input
         channels, the context map's gate or the layout encoder's box features (from a run folder) or
         the UNet's context map (from a file); the noise schedule and prediction may change (a
-        fine-tune onto them)."""
+        fine-tune onto them).
+
+        `device`: where the networks train ("cuda" on a GPU). Scenes and every random draw (noise,
+        timesteps, dropout) still come from the CPU generator, so a run sees the same data and
+        noise on any device; only the arithmetic differs. The saved state is device-free."""
         super().__init__(folder, config.init_seed)
         if config.coord_channels and config.unet.in_channels != config.unet.out_channels + 2:
             raise ValueError(f"DiffusionTrainConfig: with coord_channels, unet.in_channels must be the latent's "
@@ -275,16 +280,17 @@ class DiffusionStage(Stage):
             raise ValueError(f"DiffusionTrainConfig: unet.context_dim ({config.unet.context_dim}) must equal "
                              f"text.hidden_size ({config.text.hidden_size})")
         self.config, self.scenes = config, scenes
-        self.ae = autoencoder.eval().requires_grad_(False)
-        self.unet = build_unet(config.unet, config.init_seed)
-        self.text = build_text_encoder(config.text, config.init_seed + 1)
+        self.device = torch.device(device)
+        self.ae = autoencoder.eval().requires_grad_(False).to(self.device)
+        self.unet = build_unet(config.unet, config.init_seed).to(self.device)
+        self.text = build_text_encoder(config.text, config.init_seed + 1).to(self.device)
         self.modules.update(unet=self.unet, text=self.text)
         self.layout: LayoutEncoder | None = None
         if config.layout is not None:
             if config.layout.dim != config.text.hidden_size:
                 raise ValueError(f"DiffusionTrainConfig: layout.dim ({config.layout.dim}) must equal text.hidden_size "
                                  f"({config.text.hidden_size}): both feed the same cross-attention")
-            self.layout = build_layout_encoder(config.layout, config.init_seed + 2)
+            self.layout = build_layout_encoder(config.layout, config.init_seed + 2).to(self.device)
             self.modules["layout"] = self.layout
         params = [p for m in self.modules.values() for p in m.parameters()]
         groups: list[dict] = [{"params": params, "lr_mult": 1.0}]
@@ -296,7 +302,7 @@ class DiffusionStage(Stage):
         self.emas = {name: EMA(m, config.ema_decay) for name, m in self.modules.items()}
         self.tokens = PromptTokens(config.text)
         abar = alphas_cumprod(config.schedule)
-        self.sqrt_abar, self.sqrt_one_minus_abar = abar.sqrt().float(), (1 - abar).sqrt().float()
+        self.sqrt_abar, self.sqrt_one_minus_abar = abar.sqrt().float().to(self.device), (1 - abar).sqrt().float().to(self.device)
         snr = abar / (1 - abar)
         if config.snr_gamma > 0:  # min-SNR-γ on the x0 error: ε-loss · min(SNR, γ)/SNR, v-loss · min(SNR, γ)/(SNR + 1)
             self.loss_weight = (snr.clamp(max=config.snr_gamma) / (snr + (config.prediction == "v"))).float()
@@ -304,6 +310,7 @@ class DiffusionStage(Stage):
             self.loss_weight = torch.ones_like(snr).float()
         if config.x0_weight_max > 0:
             self.loss_weight += (1 / (snr + (config.prediction == "v"))).clamp(max=config.x0_weight_max).float()
+        self.loss_weight = self.loss_weight.to(self.device)
         self.latent_scale: float | None = None
         self.init_steps = 0  # steps of the run(s) this one continues
         self.init_file: str | None = None  # the exported checkpoint this run started from, if any
@@ -388,7 +395,7 @@ class DiffusionStage(Stage):
     def measure_latent_scale(self) -> float:
         """1 / std of first-stage latent means over training scenes (a fixed set: deterministic)."""
         n = self.config.latent_scale_scenes
-        x = scene_batch(self.config.data_seed, 0, n, self.scenes).images
+        x = scene_batch(self.config.data_seed, 0, n, self.scenes).images.to(self.device)
         z = torch.cat([self.ae.encode(x[i:i + 32]).mode() for i in range(0, n, 32)])
         return float(1.0 / z.float().std())
 
@@ -403,9 +410,9 @@ class DiffusionStage(Stage):
     def context(self, captions: list[str], text: ClipTextEncoder, layout: LayoutEncoder | None = None,
                 scenes: Sequence[Scene] = ()) -> torch.Tensor:
         """τθ(captions) [B, 77, D], followed by τθ(layout of `scenes`) [B, 3·max_objects, D] when a layout encoder is given."""
-        ctx = encode_text(text, self.tokens(captions))
+        ctx = encode_text(text, self.tokens(captions).to(self.device))
         if layout is not None:
-            ctx = torch.cat([ctx, layout(layout_tokens(self.config.layout, scenes))], dim=1)
+            ctx = torch.cat([ctx, layout(layout_tokens(self.config.layout, scenes).to(self.device))], dim=1)
         return ctx
 
     def noised(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -423,14 +430,15 @@ class DiffusionStage(Stage):
             self.latent_scale = self.measure_latent_scale()
         g = self.generator
         batch = scene_batch(self.config.data_seed, step, self.config.batch_size, self.scenes)
+        dev = self.device
         with torch.no_grad():
-            z0 = self.ae.encode(batch.images).sample(g) * self.latent_scale
+            z0 = self.ae.encode(batch.images.to(dev)).sample(g) * self.latent_scale
         b = z0.shape[0]
         n_layout = round(b * self.config.layout_fraction) if self.layout is not None else 0
         drop = torch.rand(b, generator=g) < self.config.uncond_prob
         keep = torch.rand(b, generator=g) < self.config.layout_caption_prob
-        t = torch.randint(0, self.config.schedule.timesteps, (b,), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, self.config.schedule.timesteps, (b,), generator=g).to(dev)
+        eps = torch.randn(z0.shape, generator=g).to(dev)
         zt, target = self.noised(z0, t, eps)
         n_text = b - n_layout
         # text alone (classifier-free dropout to ""), then text-or-"" with the layout tokens
@@ -438,7 +446,7 @@ class DiffusionStage(Stage):
         w = self.loss_weight[t].view(-1, 1, 1, 1)
 
         grid = self.config.map_loss_size or self.config.unet.context_map_grid
-        map_target = occupancy(batch.scenes, grid) if self.config.map_loss > 0 else None
+        map_target = occupancy(batch.scenes, grid).to(dev) if self.config.map_loss > 0 else None
         map_err = []
 
         def weighted_sq_err(part: slice, ctx: torch.Tensor) -> torch.Tensor:
@@ -480,9 +488,9 @@ class DiffusionStage(Stage):
             self.latent_scale = self.measure_latent_scale()
         g = torch.Generator().manual_seed(seed)
         batch = heldout_batch(self.config.data_seed, count, self.scenes)
-        z0 = self.ae.encode(batch.images).mode() * self.latent_scale
-        t = torch.linspace(0, self.config.schedule.timesteps - 1, count).round().long()
-        eps = torch.randn(z0.shape, generator=g)
+        z0 = self.ae.encode(batch.images.to(self.device)).mode() * self.latent_scale
+        t = torch.linspace(0, self.config.schedule.timesteps - 1, count).round().long().to(self.device)
+        eps = torch.randn(z0.shape, generator=g).to(self.device)
         zt, target = self.noised(z0, t, eps)
         unet = self.emas["unet"].module if use_ema else self.unet.eval()
         text = self.emas["text"].module if use_ema else self.text.eval()
@@ -503,7 +511,7 @@ class DiffusionStage(Stage):
         text = self.emas["text"].module if use_ema else self.text
         layout = (self.emas["layout"].module if use_ema else self.layout) if scenes is not None else None
         config = self.model_config(self.ae.config)
-        model = DiffusionModel(unet.eval(), config, torch.device("cpu"), torch.float32)
+        model = DiffusionModel(unet.eval(), config, self.device, torch.float32)
         sampler = "dpmpp_2m" if "dpmpp_2m" in SAMPLERS else "euler"
         size = self.scenes.size // self.ae.config.downsample_factor
         uncond = Cond(context=self.context([""], text.eval()))
@@ -513,7 +521,7 @@ class DiffusionStage(Stage):
                                              [scenes[i]] if scenes is not None else ()))
             latent = torch.zeros(1, config.unet.out_channels, size, size)
             z = ksample(model, [cond], [uncond], latent, seed=seed + i, steps=steps, cfg=cfg, sampler=sampler)
-            out.append(self.ae.decode(z))
+            out.append(self.ae.decode(z.to(self.device)).cpu())
         return torch.cat(out)
 
     def write_samples(self, path: Path) -> None:

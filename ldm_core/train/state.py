@@ -33,7 +33,7 @@ def optimizer_to_flat(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict
     for index, slots in sd["state"].items():
         for slot, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"optim.{name}.{index}.{slot}"] = value.detach().clone().contiguous()
+                tensors[f"optim.{name}.{index}.{slot}"] = value.detach().cpu().clone().contiguous()
             else:
                 scalars.setdefault(str(index), {})[slot] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -58,9 +58,9 @@ def save_state(folder: Path, *, step: int, modules: dict[str, torch.nn.Module], 
     tensors: dict[str, torch.Tensor] = {"rng": generator.get_state()}
     optim_meta = {}
     for name, module in modules.items():
-        tensors.update({f"model.{name}.{k}": v.detach().contiguous() for k, v in module.state_dict().items()})
+        tensors.update({f"model.{name}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
     for name, ema in emas.items():
-        tensors.update({f"ema.{name}.{k}": v.detach().contiguous() for k, v in ema.state_dict().items()})
+        tensors.update({f"ema.{name}.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     for name, opt in optimizers.items():
         flat, meta = optimizer_to_flat(name, opt)
         tensors.update(flat)
