@@ -189,6 +189,23 @@ def test_diffusion_loss_decreases_and_latents_are_unit_scale(stage2_run):
     assert z.std().item() == pytest.approx(1.0, rel=1e-4)
 
 
+def test_a_state_caught_between_its_two_files_is_refused(stage1_run, tmp_path):
+    """A reader (an export of a run that is saving) that gets one step's tensors and another step's
+    JSON is told so, instead of mixing them; a consistent state reads as before."""
+    from ldm_core.train.state import STATE_JSON, read_state
+
+    folder, _ = stage1_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in (STATE_TENSORS, STATE_JSON):
+        (run / name).write_bytes((folder / name).read_bytes())
+    tensors, doc = read_state(run)
+    assert doc["step"] == 16 and tensors
+    (run / STATE_JSON).write_text(json.dumps({**doc, "step": 15}))  # the JSON of the save before
+    with pytest.raises(RuntimeError, match="from step 16 but state.json from step 15.*writing its state"):
+        read_state(run)
+
+
 def test_diffusion_resume_is_bit_identical(stage1_run, tmp_path):
     ae, _ = load_stage1(stage1_run[0])
     DiffusionStage(tmp_path / "a", ae, DIFF_CONFIG, SCENES).run(3, progress=False)

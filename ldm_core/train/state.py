@@ -5,7 +5,9 @@
 (the training generator's state as uint8). `state.json` holds the step, the run's
 config, the optimizer param groups and non-tensor slots, and stage-specific values.
 Both are written to temporary files and renamed, JSON last, so a run killed while
-saving resumes from the previous complete state.
+saving resumes from the previous complete state. The tensors file also records its step in
+its metadata, so a reader that catches a run between the two renames (an export of a run
+that is saving) gets an error instead of one step's weights under another step's JSON.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def save_state(folder: Path, *, step: int, modules: dict[str, torch.nn.Module], 
         flat, meta = optimizer_to_flat(name, opt)
         tensors.update(flat)
         optim_meta[name] = meta
-    _atomic(folder / STATE_TENSORS, lambda p: save_file(tensors, str(p)))
+    _atomic(folder / STATE_TENSORS, lambda p: save_file(tensors, str(p), metadata={"step": str(step)}))
     doc = {"step": step, "optimizers": optim_meta, **info}
     _atomic(folder / STATE_JSON, lambda p: p.write_text(json.dumps(doc, indent=1, sort_keys=True)))
 
@@ -77,7 +79,15 @@ def has_state(folder: Path) -> bool:
 def read_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not has_state(folder):
         raise FileNotFoundError(f"no training state in {folder} (expected {STATE_JSON} and {STATE_TENSORS})")
-    return load_file(str(folder / STATE_TENSORS)), json.loads((folder / STATE_JSON).read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(folder / STATE_TENSORS), "pt") as f:
+        meta = f.metadata() or {}
+    tensors, doc = load_file(str(folder / STATE_TENSORS)), json.loads((folder / STATE_JSON).read_text())
+    if "step" in meta and int(meta["step"]) != int(doc.get("step", -1)):
+        raise RuntimeError(f"{folder}: {STATE_TENSORS} is from step {meta['step']} but {STATE_JSON} from step "
+                           f"{doc.get('step')}: the run is writing its state right now; try again in a moment")
+    return tensors, doc
 
 
 def sub_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
