@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
@@ -79,11 +80,10 @@ def has_state(folder: Path) -> bool:
 def read_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not has_state(folder):
         raise FileNotFoundError(f"no training state in {folder} (expected {STATE_JSON} and {STATE_TENSORS})")
-    from safetensors import safe_open
-
-    with safe_open(str(folder / STATE_TENSORS), "pt") as f:
+    with safe_open(str(folder / STATE_TENSORS), "pt") as f:  # tensors and their step from one opening of the file
         meta = f.metadata() or {}
-    tensors, doc = load_file(str(folder / STATE_TENSORS)), json.loads((folder / STATE_JSON).read_text())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    doc = json.loads((folder / STATE_JSON).read_text())
     if "step" in meta and int(meta["step"]) != int(doc.get("step", -1)):
         raise RuntimeError(f"{folder}: {STATE_TENSORS} is from step {meta['step']} but {STATE_JSON} from step "
                            f"{doc.get('step')}: the run is writing its state right now; try again in a moment")
