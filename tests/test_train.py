@@ -273,29 +273,34 @@ def test_refine_trains_the_decoder_only(stage1_run, tmp_path):
 
 
 def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
-    """`ldm-train all` (the shipped model's command) at one step per stage: a file that loads."""
+    """`ldm-train all` (the shipped model's command) at one step per stage: a file that loads, with
+    the shipped stage 2's architecture, trained on the refined autoencoder as it ships (fp16)."""
     from ldm_core.train import __main__ as cli
 
-    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "stage2": 1, "continue": 1, "refine": 1, "ground": 1,
-                                               "place": 1, "sharpen": 1})
+    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "refine": 1, "stage2": 1})
     out = tmp_path / "m.safetensors"
     assert cli.main(["all", "--run", str(tmp_path / "run"), "--sample-every", "0", "--batch-size", "2",
                      "--to", str(out)]) == 0
     ckpt = load_checkpoint(out, device="cpu")
     assert ckpt.layout_encoder is not None and ckpt.vae.factor == 4
-    assert (tmp_path / "run" / "stage1_refine" / "state.json").is_file()
-    assert (tmp_path / "run" / "base.safetensors").is_file() and (tmp_path / "run" / "ground" / "state.json").is_file()
-    assert (tmp_path / "run" / "place" / "state.json").is_file() and (tmp_path / "run" / "sharpen" / "state.json").is_file()
-    assert ckpt.config.unet.context_map_gate and ckpt.config.layout.box_features > 0  # the last stage was exported
+    assert ckpt.config.unet.context_map_gate and ckpt.config.layout.box_features > 0
     meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["ldm_core.train_steps"])
-    assert meta == {"autoencoder": 1, "diffusion": 5}  # stage 2, then one step each of continue, ground, place, sharpen
+    assert meta == {"autoencoder": 1, "diffusion": 1}  # the refine run (its own steps), stage 2
+    run = tmp_path / "run"
+    args = dict(seed=0, batch_size=2, device="cpu", command="stage2")
+    stage2 = cli._stage2(cli.argparse.Namespace(run=str(run), **args))
+    refined, _ = load_stage1(run / "stage1_refine")
+    for k, v in refined.state_dict().items():  # stage 2 sees the refined encoder rounded as it ships
+        assert torch.equal(stage2.ae.state_dict()[k], v.half().float()), k
+    with pytest.raises(SystemExit, match="stage1_refine"):
+        cli._stage2(cli.argparse.Namespace(run=str(tmp_path / "empty"), **args))
     if not torch.cuda.is_available():  # a device this torch lacks: a clear exit naming the command
-        with pytest.raises(SystemExit, match="ldm-train sharpen: device 'cuda'.*--device cpu"):
-            cli.main(["sharpen", "--run", str(tmp_path / "run"), "--steps", "2", "--device", "cuda"])
+        with pytest.raises(SystemExit, match="ldm-train stage2: device 'cuda'.*--device cpu"):
+            cli._stage2(cli.argparse.Namespace(run=str(run), **{**args, "device": "cuda"}))
 
 
 def test_continue_starts_from_the_saved_run_and_trains_on(stage1_run, stage2_run, tmp_path):
-    """`ldm-train continue`: the weights, EMA weights and latent scale of the stage-2 run, a fresh
+    """Continuing a run (`init=` a run folder): the weights, EMA weights and latent scale of the stage-2 run, a fresh
     optimizer and schedule; it trains on, resumes, and the export counts both runs' steps."""
     folder2, stage, _ = stage2_run
     config = DIFF_CONFIG.replace(snr_gamma=5.0, lr=5e-4, lr_steps=4, data_seed=3, init_seed=3)
@@ -331,7 +336,7 @@ def test_continue_starts_from_the_saved_run_and_trains_on(stage1_run, stage2_run
 
 
 def test_ground_starts_from_an_exported_checkpoint(stage1_run, stage2_run, tmp_path):
-    """`ldm-train ground`: from an exported single file, the UNet gains the context map (zero effect
+    """Fine-tuning an exported single file (`init=` a file): the UNet gains the context map (zero effect
     at first: the loaded model's output exactly), trains on, resumes, and exports with the file's
     autoencoder to a checkpoint the engine loads with the map."""
     folder2, stage, _ = stage2_run
@@ -366,7 +371,7 @@ def test_ground_starts_from_an_exported_checkpoint(stage1_run, stage2_run, tmp_p
 
 
 def test_place_continues_a_run_adding_the_gate_and_box_features(stage1_run, tmp_path):
-    """`ldm-train place`: from a run with a context map, the map's gate and the layout encoder's box
+    """Continuing a run with a context map: the map's gate and the layout encoder's box
     features are added at zero effect (the same outputs as the run it continues, model and EMA), train,
     and export to a checkpoint the engine loads with both; a run cannot drop them again."""
     ae, _ = load_stage1(stage1_run[0])
