@@ -277,7 +277,7 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
     the shipped stage 2's architecture, trained on the refined autoencoder as it ships (fp16)."""
     from ldm_core.train import __main__ as cli
 
-    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "refine": 1, "stage2": 1})
+    monkeypatch.setattr(cli, "SHIPPED_STEPS", {"stage1": 1, "refine": 1, "stage2": 1, "polish": 1})
     out = tmp_path / "m.safetensors"
     assert cli.main(["all", "--run", str(tmp_path / "run"), "--sample-every", "0", "--batch-size", "2",
                      "--to", str(out)]) == 0
@@ -285,8 +285,9 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
     assert ckpt.layout_encoder is not None and ckpt.vae.factor == 4
     assert ckpt.config.unet.context_map_gate and ckpt.config.layout.box_features > 0
     meta = json.loads(__import__("safetensors").safe_open(str(out), "pt").metadata()["ldm_core.train_steps"])
-    assert meta == {"autoencoder": 1, "diffusion": 1}  # the refine run (its own steps), stage 2
+    assert meta == {"autoencoder": 1, "diffusion": 2}  # the refine run (its own steps); stage 2, then polish
     run = tmp_path / "run"
+    assert (run / "stage2" / "state.json").is_file() and (run / cli.POLISH_FOLDER / "state.json").is_file()
     args = dict(seed=0, batch_size=2, device="cpu", command="stage2")
     stage2 = cli._stage2(cli.argparse.Namespace(run=str(run), **args))
     refined, _ = load_stage1(run / "stage1_refine")
@@ -294,6 +295,12 @@ def test_ldm_train_all_runs_every_stage_and_exports(tmp_path, monkeypatch):
         assert torch.equal(stage2.ae.state_dict()[k], v.half().float()), k
     with pytest.raises(SystemExit, match="stage1_refine"):
         cli._stage2(cli.argparse.Namespace(run=str(tmp_path / "empty"), **args))
+    with pytest.raises(SystemExit, match="ldm-train polish: no saved run in .*stage2"):
+        cli._polish(cli.argparse.Namespace(run=str(tmp_path / "empty"), **args))
+    polish = cli._polish(cli.argparse.Namespace(run=str(run), **args))  # it starts from stage 2's EMA weights
+    assert stage2.resume() and stage2.step == 1
+    for k, v in stage2.emas["unet"].module.state_dict().items():
+        assert torch.equal(polish.emas["unet"].module.state_dict()[k], v), k
     if not torch.cuda.is_available():  # a device this torch lacks: a clear exit naming the command
         with pytest.raises(SystemExit, match="ldm-train stage2: device 'cuda'.*--device cpu"):
             cli._stage2(cli.argparse.Namespace(run=str(run), **{**args, "device": "cuda"}))

@@ -3,6 +3,7 @@
     ldm-train stage1 --run runs/scenes --steps 2500     # autoencoder  → runs/scenes/stage1
     ldm-train refine --run runs/scenes --steps 1000     # decoder only, frozen encoder → runs/scenes/stage1_refine
     ldm-train stage2 --run runs/scenes --steps 4000     # diffusion    → runs/scenes/stage2
+    ldm-train polish --run runs/scenes --steps 1000     # stage 2 on, fresh short schedule → runs/scenes/stage2_polish
     ldm-train export --run runs/scenes --to models/scenes.safetensors
     ldm-train all --run runs/scenes                       # all of the above with the shipped step counts
     ldm-train estimate                                    # seconds per step of each stage here
@@ -63,6 +64,19 @@ def _stage2(args: argparse.Namespace):
                           device=_device(args))
 
 
+def _polish(args: argparse.Namespace):
+    from .diffusion import STAGE2_SCENES, DiffusionStage, as_shipped, load_stage1, polish_config
+    from .state import has_state
+
+    run = Path(args.run)
+    if not has_state(run / "stage2"):
+        raise SystemExit(f"ldm-train polish: no saved run in {run / 'stage2'}; train stage 2 first "
+                         f"(ldm-train all --run {args.run} runs every stage in order)")
+    ae, _ = load_stage1(run / "stage1_refine")
+    return DiffusionStage(run / POLISH_FOLDER, as_shipped(ae), _batch(polish_config(args.seed + 3), args), STAGE2_SCENES,
+                          init=run / "stage2", device=_device(args))
+
+
 def _train(make, args: argparse.Namespace) -> int:
     stage = make(args)
     if stage.resume():
@@ -74,10 +88,11 @@ def _train(make, args: argparse.Namespace) -> int:
 
 
 # Training commands in the order `ldm-train all` runs them.
-STAGES = {"stage1": _stage1, "refine": _refine, "stage2": _stage2}
+STAGES = {"stage1": _stage1, "refine": _refine, "stage2": _stage2, "polish": _polish}
+POLISH_FOLDER = "stage2_polish"
 
 # The step counts of the shipped ldm_core/data/ldm-scenes.safetensors (`ldm-train all`).
-SHIPPED_STEPS = {"stage1": 2500, "refine": 1000, "stage2": 4000}
+SHIPPED_STEPS = {"stage1": 2500, "refine": 1000, "stage2": 4000, "polish": 1000}
 
 
 def _all(args: argparse.Namespace) -> int:
@@ -117,7 +132,7 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    """The run's checkpoint: stage 2 with the refined autoencoder (stage 1's, if not refined)."""
+    """The run's checkpoint: stage 2 (polished, if it was) with the refined autoencoder (stage 1's, if not refined)."""
     import torch
 
     from .export import export_checkpoint
@@ -126,8 +141,9 @@ def _export(args: argparse.Namespace) -> int:
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     run = Path(args.run)
     stage1 = run / "stage1_refine" if has_state(run / "stage1_refine") else run / "stage1"
-    print(f"autoencoder from {stage1}, diffusion from {run / 'stage2'}", file=sys.stderr)
-    path = export_checkpoint(stage1, run / "stage2", args.to, dtype=dtype)
+    diffusion = run / POLISH_FOLDER if has_state(run / POLISH_FOLDER) else run / "stage2"
+    print(f"autoencoder from {stage1}, diffusion from {diffusion}", file=sys.stderr)
+    path = export_checkpoint(stage1, diffusion, args.to, dtype=dtype)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
@@ -136,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ldm-train", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {"stage1": "train the autoencoder", "refine": "train the autoencoder's decoder further on its frozen encoder",
-             "stage2": "train the diffusion model (UNet, text and box-layout encoders) on the refined autoencoder"}
+             "stage2": "train the diffusion model (UNet, text and box-layout encoders) on the refined autoencoder",
+             "polish": "train stage 2 on from its weights with a fresh, short, lower-rate schedule"}
 
     def run_args(p: argparse.ArgumentParser, save_every: int, sample_every: int) -> None:
-        p.add_argument("--run", required=True, help="run folder (stage1/, stage1_refine/, stage2/ live inside)")
+        p.add_argument("--run", required=True, help="run folder (stage1/, stage1_refine/, stage2/, stage2_polish/ live inside)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--batch-size", type=int, default=None)
         p.add_argument("--log-every", type=int, default=10)
