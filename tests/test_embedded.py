@@ -63,7 +63,7 @@ def test_pictures_follow_their_prompts(ckpt):
     """Default settings (DPM++ 2M Karras, 20 steps, CFG 5), 16 held-out one-object captions:
     colour and shape right: issue 7's target of 0.9. Two-object captions (24, so that one prompt
     is not the whole margin): issue 7's target of 0.75. Position words and relations: issue 7's
-    target of 0.75 (the bench measures 0.95; the base model 0.12). The full table:
+    target of 0.75 (the bench measures 0.91; the staged recipe's base model 0.12). The full table:
     `python -m bench.quality`."""
     r = adherence(ckpt, eval_scenes({1: 16}), Settings())
     print(r)
@@ -77,7 +77,8 @@ def test_pictures_follow_their_prompts(ckpt):
 
 def test_corner_words_move_the_object(ckpt):
     """The words decide where: for one seed, the four corner prompts put the red circle in four
-    different quadrants, each the one its words name (the base model put all four on one pixel)."""
+    different quadrants, each the one its words name (the staged recipe's base model put all four on
+    one pixel)."""
     from ldm_core.evaluate import detect_objects
     from ldm_core.quality import generate
 
@@ -106,7 +107,8 @@ def test_layout_tokens_reach_the_picture(ckpt):
 def test_layouts_put_objects_in_their_boxes(ckpt):
     """Layout-to-image from boxes alone (prompt ""), default settings, 12 held-out layouts of one to
     three objects (the bench scores layouts on another stream): issue 7's target, box IoU ≥ 0.5 for at
-    least 80% of the objects (the bench measures 0.88 on 60 objects; the ground model 0.20)."""
+    least 80% of the objects (the bench measures 0.835 on 249 objects; the staged recipe's ground
+    model 0.20)."""
     from ldm_core.quality import layout_scores
 
     r = layout_scores(ckpt, eval_scenes({1: 4, 2: 4, 3: 4}, seed=SEED_LAYOUT_TEST), Settings())

@@ -122,10 +122,9 @@ class DiffusionTrainConfig(_Config):
 # - each box's Fourier embedding on its class token (`LayoutEncoderConfig.box_features`);
 # - min-SNR-5 weights plus the truncated x0 error of the noisy steps (where the words must decide
 #   the layout), and the map's class-placement loss scored at the latent's 16×16;
-# - 1/4 of every batch a layout, and 60% of scenes with two objects (the generator's default is
-#   35%): binding colour to shape, and one object to one place, is what two-object prompts miss,
-#   so a step shows 0.45·B two-object captions (0.25·B with 3/8 layouts and 40% two objects,
-#   which reached 0.62 instead of 0.78 on the bench's two-object prompts at 4,000 steps).
+# - 1/4 of every batch a layout, and most scenes with two objects (STAGE2_SCENES below): binding
+#   colour to shape, and one object to one place, is what two-object prompts miss (3/8 layouts
+#   and 40% two objects reached 0.62 on the bench's two-object prompts at 4,000 steps).
 STAGE2_UNET = dict(context_map_grid=8, context_map_channels=16, context_map_gate=True)
 STAGE2_LAYOUT = dict(box_features=6)
 STAGE2 = dict(lr=1e-3, lr_warmup=100, lr_steps=4000, lr_final=1e-5, snr_gamma=5.0, x0_weight_max=25.0, map_loss=0.2,
