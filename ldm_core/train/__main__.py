@@ -51,30 +51,34 @@ def _refine(args: argparse.Namespace):
     return AutoencoderStage(Path(args.run) / "stage1_refine", config, init=ae, device=_device(args))
 
 
-def _stage2(args: argparse.Namespace):
-    from .diffusion import STAGE2_SCENES, DiffusionStage, as_shipped, load_stage1, stage2_config
+def _diffusion(args: argparse.Namespace, name: str, folder: str, config, after: str, first: str,
+               init: str | None = None):
+    """Stage `name`, a diffusion run in run/folder on the refined autoencoder as it ships, once run/after
+    holds a saved run (else a clear exit saying to `first`); `init`: the run folder it continues."""
+    from .diffusion import STAGE2_SCENES, DiffusionStage, as_shipped, load_stage1
     from .state import has_state
 
     run = Path(args.run)
-    if not has_state(run / "stage1_refine"):
-        raise SystemExit(f"ldm-train stage2: no saved run in {run / 'stage1_refine'}; train the autoencoder and refine "
-                         f"its decoder first (ldm-train all --run {args.run} runs every stage in order)")
+    if not has_state(run / after):
+        raise SystemExit(f"ldm-train {name}: no saved run in {run / after}; {first} "
+                         f"(ldm-train all --run {args.run} runs every stage in order)")
     ae, _ = load_stage1(run / "stage1_refine")  # the encoder is stage 1's: refine trains the decoder only
-    return DiffusionStage(run / "stage2", as_shipped(ae), _batch(stage2_config(args.seed + 1), args), STAGE2_SCENES,
-                          device=_device(args))
+    return DiffusionStage(run / folder, as_shipped(ae), _batch(config, args), STAGE2_SCENES,
+                          init=run / init if init else None, device=_device(args))
+
+
+def _stage2(args: argparse.Namespace):
+    from .diffusion import stage2_config
+
+    return _diffusion(args, "stage2", "stage2", stage2_config(args.seed + 1), after="stage1_refine",
+                      first="train the autoencoder and refine its decoder first")
 
 
 def _polish(args: argparse.Namespace):
-    from .diffusion import STAGE2_SCENES, DiffusionStage, as_shipped, load_stage1, polish_config
-    from .state import has_state
+    from .diffusion import polish_config
 
-    run = Path(args.run)
-    if not has_state(run / "stage2"):
-        raise SystemExit(f"ldm-train polish: no saved run in {run / 'stage2'}; train stage 2 first "
-                         f"(ldm-train all --run {args.run} runs every stage in order)")
-    ae, _ = load_stage1(run / "stage1_refine")
-    return DiffusionStage(run / POLISH_FOLDER, as_shipped(ae), _batch(polish_config(args.seed + 3), args), STAGE2_SCENES,
-                          init=run / "stage2", device=_device(args))
+    return _diffusion(args, "polish", POLISH_FOLDER, polish_config(args.seed + 3), after="stage2",
+                      first="train stage 2 first", init="stage2")
 
 
 def _train(make, args: argparse.Namespace) -> int:
