@@ -2,7 +2,7 @@
 
     ldm-train stage1 --run runs/scenes --steps 2500     # autoencoder  → runs/scenes/stage1
     ldm-train refine --run runs/scenes --steps 1000     # decoder only, frozen encoder → runs/scenes/stage1_refine
-    ldm-train stage2 --run runs/scenes --steps 4000     # diffusion    → runs/scenes/stage2
+    ldm-train stage2 --run runs/scenes --steps 4800     # diffusion    → runs/scenes/stage2
     ldm-train polish --run runs/scenes --steps 1000     # stage 2 on, fresh short schedule → runs/scenes/stage2_polish
     ldm-train export --run runs/scenes --to models/scenes.safetensors
     ldm-train all --run runs/scenes                       # all of the above with the shipped step counts
@@ -96,7 +96,7 @@ STAGES = {"stage1": _stage1, "refine": _refine, "stage2": _stage2, "polish": _po
 POLISH_FOLDER = "stage2_polish"
 
 # The step counts of the shipped ldm_core/data/ldm-scenes.safetensors (`ldm-train all`).
-SHIPPED_STEPS = {"stage1": 2500, "refine": 1000, "stage2": 4000, "polish": 1000}
+SHIPPED_STEPS = {"stage1": 2500, "refine": 1000, "stage2": 4800, "polish": 1000}
 
 
 def _all(args: argparse.Namespace) -> int:

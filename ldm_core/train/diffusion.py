@@ -127,7 +127,7 @@ class DiffusionTrainConfig(_Config):
 #   and 40% two objects reached 0.62 on the bench's two-object prompts at 4,000 steps).
 STAGE2_UNET = dict(context_map_grid=8, context_map_channels=16, context_map_gate=True)
 STAGE2_LAYOUT = dict(box_features=6)
-STAGE2 = dict(lr=1e-3, lr_warmup=100, lr_steps=4000, lr_final=1e-5, snr_gamma=5.0, x0_weight_max=25.0, map_loss=0.2,
+STAGE2 = dict(lr=1e-3, lr_warmup=100, lr_steps=4800, lr_final=1e-5, snr_gamma=5.0, x0_weight_max=25.0, map_loss=0.2,
               map_loss_size=16, context_map_lr_mult=3.0, layout_fraction=0.25, ema_decay=0.998)
 # Scenes of 1 / 2 / 3 objects at 0.15 / 0.75 / 0.1, and 2 of every 3 multi-object captions lead with a
 # relation ("a red circle left of a blue square"): probe 3's two-object misses were mostly relation
