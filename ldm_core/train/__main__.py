@@ -36,9 +36,9 @@ def _device(args: argparse.Namespace):
 
 
 def _stage1(args: argparse.Namespace):
-    from .autoencoder import AutoencoderStage, AutoencoderTrainConfig
+    from .autoencoder import STAGE1, AutoencoderStage, AutoencoderTrainConfig
 
-    config = _batch(AutoencoderTrainConfig(data_seed=args.seed, init_seed=args.seed), args)
+    config = _batch(AutoencoderTrainConfig(data_seed=args.seed, init_seed=args.seed, **STAGE1), args)
     return AutoencoderStage(Path(args.run) / "stage1", config, device=_device(args))
 
 
