@@ -258,6 +258,32 @@ def test_samples_through_the_engine_sampler(stage2_run, tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 100
 
 
+def test_stage1_loss_is_l1_plus_weighted_l2_ssim_and_kl(tmp_path):
+    """Known answer: the stage-1 loss is mean|x − x̂| + w_mse·mean(x − x̂)² + w_ssim·(1 − SSIM) + w_kl·KL/pixels,
+    recomputed here from the same posterior draw; and `ldm-train stage1` trains with the L2 term (STAGE1)."""
+    from ldm_core.train import __main__ as cli
+    from ldm_core.train.autoencoder import STAGE1, ssim
+    from ldm_core.train.data import scene_batch
+
+    args = cli.argparse.Namespace(run=str(tmp_path / "run"), seed=0, batch_size=None, device="cpu", command="stage1")
+    assert cli._stage1(args).config.mse_weight == STAGE1["mse_weight"] > 0
+    config = AE_CONFIG.replace(mse_weight=5.0, kl_weight=1e-3)
+    stage = AutoencoderStage(tmp_path / "s", config, SCENES)
+    x = scene_batch(0, 0, 2, SCENES).images
+    state = stage.generator.get_state()
+    loss, parts, rec = stage.losses(x, 0)
+    stage.generator.set_state(state)
+    with torch.no_grad():
+        posterior = stage.ae.encode(x)
+        again = stage.ae.decode(posterior.sample(stage.generator))
+        kl = kl_divergence(posterior.mean, posterior.logvar).mean() / x[0].numel()
+        want = ((x - again).abs().mean() + 5.0 * (x - again).square().mean()
+                + config.ssim_weight * (1 - ssim(x, again, config.ssim_window)) + 1e-3 * kl)
+    assert torch.equal(rec.detach(), again)
+    assert parts["mse"] == pytest.approx((x - again).square().mean().item(), rel=1e-6)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_refine_trains_the_decoder_only(stage1_run, tmp_path):
     """`ldm-train refine`: the decoder learns on, the encoder (so stage 2's latent space) stays bit-identical."""
     from ldm_core.train.autoencoder import REFINE
