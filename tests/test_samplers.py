@@ -50,7 +50,9 @@ def test_sampler_names_in_comfyui_order():
     assert SAMPLERS_REEXPORTED is SAMPLERS
 
 
-# Measured here: 0 for all but lms (4.8e-7), dpmpp_sde (4.8e-7), uni_pc (2.4e-6), uni_pc_bh2 (8.3e-7).
+# Measured on the CPU the references were made on: 0 for all but lms (4.8e-7), dpmpp_sde (4.8e-7), uni_pc
+# (2.4e-6), uni_pc_bh2 (8.3e-7). On an Intel Xeon with AVX-512, where torch's vectorised exp/log round the
+# last bit differently, dpm_2_ancestral and dpmpp_3m_sde differ by 3.6e-6; hence 5e-6 by default.
 TOLERANCE = {"uni_pc": 1e-5, "uni_pc_bh2": 1e-5}
 
 
@@ -62,7 +64,7 @@ def test_matches_comfyui(name, schedule):
     out = SAMPLERS[name](toy, x.clone(), sigmas.clone(), generator=_seeded())
     want = REF[f"out/{schedule}/{name}"]
     err = float((out - want).abs().max())
-    assert err <= TOLERANCE.get(name, 2e-6), err
+    assert err <= TOLERANCE.get(name, 5e-6), err
     assert toy.calls == int(REF[f"calls/{schedule}/{name}"])  # same number of model evaluations
 
 
