@@ -2,7 +2,7 @@
 
 Loss per batch (images x ∈ [−1, 1], reconstruction x̂ = D(z), z ~ q(z|x) = N(μ, σ²)):
 
-    L = mean|x − x̂| + w_ssim·(1 − SSIM(x, x̂)) + w_kl·KL(q ‖ N(0, I)) / (3·H·W)
+    L = mean|x − x̂| + w_mse·mean(x − x̂)² + w_ssim·(1 − SSIM(x, x̂)) + w_kl·KL(q ‖ N(0, I)) / (3·H·W)
         [+ w_adv·(−mean D_φ(x̂))  after `disc_start` steps]
 
 KL = ½ Σ (μ² + σ² − 1 − log σ²) summed over the latent of one image, averaged over
