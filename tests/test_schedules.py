@@ -43,7 +43,7 @@ def same_float32(got: torch.Tensor, want: list) -> bool:
 
 
 @pytest.mark.parametrize("name", list(REF["calculate_sigmas"]))
-def test_every_scheduler_bit_for_bit(name):
+def test_every_scheduler_matches_comfyui_float32(name):
     for steps, want in REF["calculate_sigmas"][name].items():
         got = SCHEDULERS[name](SD, int(steps))
         if name == "kl_optimal" and steps == "1":  # ComfyUI: 0/0 → [nan, 0]; here the one step is σ_max → 0

@@ -114,11 +114,11 @@ def _estimate(args: argparse.Namespace) -> int:
     """Time a few steps of the autoencoder and of stage 2 with the shipped configs (after one warm-up step)."""
     import torch
 
-    from .autoencoder import SCENES_VAE, AutoencoderStage, AutoencoderTrainConfig, build_autoencoder
+    from .autoencoder import SCENES_VAE, STAGE1, AutoencoderStage, AutoencoderTrainConfig, build_autoencoder
     from .diffusion import STAGE2_SCENES, DiffusionStage, stage2_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        s1 = AutoencoderStage(Path(tmp) / "s1", AutoencoderTrainConfig())
+        s1 = AutoencoderStage(Path(tmp) / "s1", AutoencoderTrainConfig(**STAGE1))
         s2 = DiffusionStage(Path(tmp) / "s2", build_autoencoder(SCENES_VAE, 0), stage2_config(1),
                             STAGE2_SCENES)
         report = {"threads": torch.get_num_threads()}

@@ -101,7 +101,8 @@ STAGE1 = dict(mse_weight=5.0)
 
 # Refining the decoder on the frozen stage-1 encoder (`ldm-train refine`): stage 2 trains on
 # the encoder's latents, so the decoder may go on learning while (or after) stage 2 runs.
-REFINE = dict(decoder_only=True, lr=5e-4, lr_steps=1000, lr_final=2e-5, mse_weight=5.0)
+# Same loss as stage 1 (STAGE1's L2 term), its own short schedule.
+REFINE = dict(STAGE1, decoder_only=True, lr=5e-4, lr_steps=1000, lr_final=2e-5)
 
 
 class AutoencoderStage(Stage):
