@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm_core.samplers import BrownianNoise, SAMPLERS, sample_ddim, sample_euler, sample_euler_ancestral
+from ldm_core.samplers import BrownianNoise, SAMPLERS, plms_order, sample_ddim, sample_euler, sample_euler_ancestral
 from ldm_core.sampling import SAMPLERS as SAMPLERS_REEXPORTED
 
 REF = load_file(str(Path(__file__).parent / "data" / "samplers_comfyui.safetensors"))
@@ -112,9 +112,41 @@ def test_plms_matches_diffusers_pndm():
     from diffusers import PNDMScheduler
 
     sigmas, x, want = _diffusers_run(PNDMScheduler(skip_prk_steps=True, **SD_BETAS), 10, 0, {})
-    out = SAMPLERS["plms"](Toy(), x, sigmas)
+    out = SAMPLERS["plms"](Toy(), x, sigmas, stable_order=False)  # the paper's fixed order
     err = float((out - want).abs().max())
     assert err < 2e-5, err  # measured 1.2e-6 (diffusers steps z in the variance-preserving form)
+
+
+def test_plms_order_stays_inside_adams_bashforth_stability():
+    # r = 1 − σ_next/σ against the stability bounds 3/10, 6/11, 1, 2 of orders 4, 3, 2, 1
+    assert plms_order(10.0, 8.0, 4) == 4          # r = 0.2
+    assert plms_order(10.0, 8.0, 2) == 2          # never more slopes than are known
+    assert plms_order(0.346, 0.228, 4) == 3       # r = 0.34: the 20-step ddim_uniform grid's third-last step
+    assert plms_order(0.228, 0.041, 4) == 2       # r = 0.82: its second-last
+    assert plms_order(0.041, 0.0, 4) == 1         # r = 1, on AB2's boundary: first order, x = x̂0
+    assert plms_order(1.0, 0.7, 4) == 3           # r = 0.3 exactly is not strictly inside AB4's interval
+
+
+def test_plms_stable_order_changes_only_the_coarse_final_steps():
+    from ldm_core.schedule import DiscreteSchedule, ScheduleConfig, get_sigmas
+
+    g = _seeded(5)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    sigmas = get_sigmas(DiscreteSchedule(ScheduleConfig()), "ddim_uniform", 20)  # SD's scaled-linear betas
+    x = x * sigmas[0]
+    steps = []
+    SAMPLERS["plms"](Toy(), x, sigmas, callback=lambda info: steps.append(info["x"]))
+    paper = []
+    SAMPLERS["plms"](Toy(), x, sigmas, stable_order=False, callback=lambda info: paper.append(info["x"]))
+    r = 1 - sigmas[1:-1] / sigmas[:-2]  # relative fall of every step but the last
+    lowered = int((r >= 0.3).nonzero()[0])  # the first step that loses its 4th order
+    assert lowered == len(steps) - 3  # of 20 steps, only the last three change
+    assert all(torch.equal(a, b) for a, b in zip(steps[:lowered + 1], paper[:lowered + 1]))
+    assert not torch.equal(steps[lowered + 1], paper[lowered + 1])
+    # the last step is first order: the output is the denoiser's estimate at the last σ > 0
+    denoised = Toy()(steps[-1], sigmas[-2].expand(2))
+    out = SAMPLERS["plms"](Toy(), x, sigmas)
+    assert torch.allclose(out, denoised, atol=1e-6)
 
 
 def test_ddim_with_eta_matches_diffusers_ddim_noise_included():
