@@ -29,8 +29,8 @@ from ldm_core.quality import Settings, adherence, caption_scores, eval_scenes, l
 
 DETERMINISTIC = ("euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2", "plms")
 # Samplers also measured on the step grid they were published with (the main comparison uses
-# Karras for all): PLMS's fixed Adams–Bashforth weights assume the LDM repository's evenly
-# spaced timesteps, which is the `ddim_uniform` scheduler.
+# Karras for all): PLMS's equal-step Adams–Bashforth weights come from the LDM repository's
+# evenly spaced timesteps, which is the `ddim_uniform` scheduler.
 OWN_GRID = {"plms": "ddim_uniform"}
 
 
