@@ -124,7 +124,8 @@ def test_plms_order_stays_inside_adams_bashforth_stability():
     assert plms_order(0.346, 0.228, 4) == 3       # r = 0.34: the 20-step ddim_uniform grid's third-last step
     assert plms_order(0.228, 0.041, 4) == 2       # r = 0.82: its second-last
     assert plms_order(0.041, 0.0, 4) == 1         # r = 1, on AB2's boundary: first order, x = x̂0
-    assert plms_order(1.0, 0.7, 4) == 3           # r = 0.3 exactly is not strictly inside AB4's interval
+    assert plms_order(1.0, 0.5, 4) == 3           # r = 0.5 < 6/11
+    assert plms_order(1.0, 0.4, 4) == 2           # r = 0.6 > 6/11
 
 
 def test_plms_stable_order_changes_only_the_coarse_final_steps():
