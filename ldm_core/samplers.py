@@ -508,7 +508,7 @@ def sample_plms(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
     `stable_order=False` is the paper's algorithm exactly (diffusers' PNDMScheduler).
     """
     ones = x.new_ones([x.shape[0]])
-    history: list[torch.Tensor] = []
+    history: list[torch.Tensor] = []  # the last (at most 3) earlier slopes, oldest first
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma * ones)
@@ -524,7 +524,7 @@ def sample_plms(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
                 order = plms_order(float(sigma), float(sigma_next), order)
             recent = [eps, *reversed(history[len(history) - order + 1:])]
             eps_prime = sum(w * e for w, e in zip(_PLMS_WEIGHTS[order - 1], recent))
-        history.append(eps)
+        history = [*history[-2:], eps]
         x = x + eps_prime * (sigma_next - sigma)
     return x
 
