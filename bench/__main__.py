@@ -50,7 +50,12 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()  # before the imports below pull in diffusers' pipelines
-    from . import cases, load, reference, system, table, weights
+    from . import cases
+    from . import load
+    from . import reference
+    from . import system
+    from . import table
+    from . import weights
 
     size_index = 1 if args.quick else 0
     which = [c for c in CASES if c in args.only]

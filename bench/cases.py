@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ldm_core.checkpoint import read_weights
-from ldm_core.config import ModelConfig
-from ldm_core.loader import load_checkpoint
-from ldm_core.model import Checkpoint
+from ldm_core.checkpoints.weights_file import read_weights
+from ldm_core.networks.config import ModelConfig
+from ldm_core.loading.loader import load_checkpoint
+from ldm_core.loading.model import Checkpoint
 
 from . import reference
 from .table import Row

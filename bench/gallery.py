@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ldm_core.embedded import embedded_checkpoint
-from ldm_core.loader import load_checkpoint
-from ldm_core.quality import Settings, eval_scenes, generate, layout_cond
+from ldm_core.checkpoints.embedded import embedded_checkpoint
+from ldm_core.loading.loader import load_checkpoint
+from ldm_core.lab.adherence import Settings, eval_scenes, generate, layout_cond
 
 PROMPTS = (
     "a red circle in the top left", "a blue square at the bottom", "a yellow triangle in the center",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ldm_core.graph import Executor, OutputCache, PromptNode, validate
-from ldm_core.graph.prompt import Link, Prompt
+from ldm_core.graph.prompt_graph import Link, Prompt
 from ldm_core.graph.spec import COMBO, FLOAT, INT, InputSpec, NodeSpec, OutputSpec
 from ldm_core.graph.topology import dependencies, run_order
 from ldm_core.graph.validate import select_outputs

@@ -9,8 +9,8 @@ import torch
 from diffusers.utils import is_accelerate_available
 from safetensors.torch import load_file
 
-from ldm_core.loader import load_checkpoint
-from ldm_core.model import Checkpoint
+from ldm_core.loading.loader import load_checkpoint
+from ldm_core.loading.model import Checkpoint
 
 from . import system
 from .cases import text_encoders

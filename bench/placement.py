@@ -21,9 +21,9 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from ldm_core.embedded import embedded_checkpoint
-from ldm_core.loader import load_checkpoint
-from ldm_core.quality import Settings, generate
+from ldm_core.checkpoints.embedded import embedded_checkpoint
+from ldm_core.loading.loader import load_checkpoint
+from ldm_core.lab.adherence import Settings, generate
 
 CORNERS = ("in the top left", "in the top right", "in the bottom left", "in the bottom right")
 

@@ -17,10 +17,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ldm_core.checkpoint import TEXT_ENCODER_PREFIXES
-from ldm_core.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from ldm_core.presets import ADM_FOURIER_DIM
-from ldm_core.tokenizer import ClipTokenizer
+from ldm_core.checkpoints.weights_file import TEXT_ENCODER_PREFIXES
+from ldm_core.networks.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ldm_core.networks.presets import ADM_FOURIER_DIM
+from ldm_core.text.tokenizer import ClipTokenizer
 
 SD1_TEXT_PREFIX = TEXT_ENCODER_PREFIXES[0]  # cond_stage_model.transformer.
 

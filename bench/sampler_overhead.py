@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from ldm_core.conditioning import Cond
-from ldm_core.guidance import CFGGuider
-from ldm_core.loader import load_checkpoint
-from ldm_core.sampling import SAMPLERS, Denoiser
-from ldm_core.schedule import DiscreteSchedule, get_sigmas
+from ldm_core.conditioning.cond import Cond
+from ldm_core.sampling.guidance import CFGGuider
+from ldm_core.loading.loader import load_checkpoint
+from ldm_core.sampling.denoiser import SAMPLERS, Denoiser
+from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas
 
 from . import weights
 from .table import Row, emit, render

@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .checkpoint import read_weights
-    from .detect import detect_config
+    from ldm_core.checkpoints.weights_file import read_weights
+    from ldm_core.checkpoints.detect import detect_config
 
     wf = read_weights(args.checkpoint)
     cfg = detect_config(wf.tensors, wf.metadata, prediction=args.prediction)
@@ -19,8 +19,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .presets import PRESETS, shrink
-    from .synth import save_checkpoint
+    from ldm_core.networks.presets import PRESETS, shrink
+    from ldm_core.checkpoints.synthetic import save_checkpoint
 
     cfg = PRESETS[args.family]
     if args.narrow:
@@ -31,11 +31,11 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _txt2img(args: argparse.Namespace) -> int:
-    from .device import pick_precision, pick_device
-    from .image_io import next_free_path, to_pil, write_png_atomic
-    from .loader import load_checkpoint
-    from .pipeline import txt2img
-    from .progress import BarProgress
+    from ldm_core.device import pick_precision, pick_device
+    from ldm_core.imaging.image_io import next_free_path, to_pil, write_png_atomic
+    from ldm_core.loading.loader import load_checkpoint
+    from ldm_core.pipeline.jobs import txt2img
+    from ldm_core.progress import BarProgress
 
     t0 = time.perf_counter()
     device = pick_device(args.device)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     t2i.add_argument("--prefix", default="ldm")
     t2i.set_defaults(func=_txt2img)
     args = p.parse_args(argv)
-    from .errors import LdmError
+    from ldm_core.errors import LdmError
 
     try:
         return args.func(args)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import DeviceError
+from ldm_core.errors import DeviceError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ._engine import engine
+from ldm_core import graph
+
 from .context import NodeContext
 from .registry import headless_registry
 
-graph = engine("graph")
 SEED_INPUTS = ("seed", "noise_seed")
 
 

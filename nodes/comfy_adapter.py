@@ -7,10 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ._engine import engine
+from ldm_core.graph import spec as spec_mod
+
 from .context import FOLDERS, NodeContext
 
-spec_mod = engine("graph.spec")
 log = logging.getLogger(__name__)
 
 # Hidden inputs ComfyUI fills in itself, by our names.

@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ldm_core.checkpoints import embedded
+
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -25,9 +27,7 @@ FOLDERS: dict[str, tuple[str, ...]] = {
 
 
 def _builtin_models() -> dict[str, dict[str, Path]]:
-    from ._engine import engine
-
-    return engine("embedded").builtin_models()
+    return embedded.builtin_models()
 
 
 class PathError(ValueError):

@@ -4,9 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._engine import engine
+from ldm_core.graph import spec
 
-spec = engine("graph.spec")
 InputSpec, NodeSpec, OutputSpec = spec.InputSpec, spec.NodeSpec, spec.OutputSpec
 
 CATEGORY_ROOT = "ldm"

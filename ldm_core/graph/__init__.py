@@ -7,13 +7,13 @@
 Imports neither torch nor any engine module: node types come in as a registry
 (`Mapping[str, NodeSpec]`), caches are owned by the caller.
 """
-from .cache import NodeOutputs, OutputCache
-from .errors import ExecutionFailed, NodeExecutionError, ValidationError, ValidationIssue, WorkflowError
-from .execute import Executor, Hooks, NodeProgress, RunResult
-from .prompt import Link, Prompt, PromptNode, as_prompt, parse_api, to_api
-from .spec import InputSpec, NodeSpec, OutputSpec
-from .validate import check, validate
-from .workflow import detect_format, load_workflow, read_image_workflow
+from ldm_core.graph.cache import NodeOutputs, OutputCache
+from ldm_core.graph.graph_errors import ExecutionFailed, NodeExecutionError, ValidationError, ValidationIssue, WorkflowError
+from ldm_core.graph.execute import Executor, Hooks, NodeProgress, RunResult
+from ldm_core.graph.prompt_graph import Link, Prompt, PromptNode, as_prompt, parse_api, to_api
+from ldm_core.graph.spec import InputSpec, NodeSpec, OutputSpec
+from ldm_core.graph.validate import check, validate
+from ldm_core.graph.workflow import detect_format, load_workflow, read_image_workflow
 
 __all__ = [
     "Executor", "ExecutionFailed", "Hooks", "InputSpec", "Link", "NodeExecutionError", "NodeOutputs", "NodeProgress",

@@ -25,12 +25,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cache import NeverCache, NodeOutputs, OutputCache, signature
-from .errors import ExecutionFailed, NodeExecutionError, ValidationIssue
-from .prompt import Link, Prompt, PromptNode, as_prompt, to_api
-from .spec import NodeSpec
-from .topology import dependencies, run_order
-from .validate import check, coerce, select_outputs
+from ldm_core.graph.cache import NeverCache, NodeOutputs, OutputCache, signature
+from ldm_core.graph.graph_errors import ExecutionFailed, NodeExecutionError, ValidationIssue
+from ldm_core.graph.prompt_graph import Link, Prompt, PromptNode, as_prompt, to_api
+from ldm_core.graph.spec import NodeSpec
+from ldm_core.graph.topology import dependencies, run_order
+from ldm_core.graph.validate import check, coerce, select_outputs
 
 
 class Hooks:

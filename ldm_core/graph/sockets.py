@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .spec import ANY
+from ldm_core.graph.spec import ANY
 
 
 def type_name(raw: Any) -> str:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from .prompt import Link, PromptNode
-from .spec import NodeSpec
+from ldm_core.graph.prompt_graph import Link, PromptNode
+from ldm_core.graph.spec import NodeSpec
 
 Deps = dict[str, list[str]]
 

@@ -13,10 +13,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import WorkflowError
-from .prompt import Link, Prompt, PromptNode
-from .sockets import type_name, types_compatible
-from .spec import ANY, BOOLEAN, COMBO, STRING, InputSpec, NodeSpec
+from ldm_core.graph.graph_errors import WorkflowError
+from ldm_core.graph.prompt_graph import Link, Prompt, PromptNode
+from ldm_core.graph.sockets import type_name, types_compatible
+from ldm_core.graph.spec import ANY, BOOLEAN, COMBO, STRING, InputSpec, NodeSpec
 
 REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
 EDITOR_ONLY = frozenset({"Note", "MarkdownNote"})

@@ -14,10 +14,10 @@ import os
 from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
-from .errors import WorkflowError
-from .prompt import Prompt, PromptNode, as_prompt, is_api_node, parse_api
-from .spec import NodeSpec
-from .ui import is_ui_workflow, parse_ui
+from ldm_core.graph.graph_errors import WorkflowError
+from ldm_core.graph.prompt_graph import Prompt, PromptNode, as_prompt, is_api_node, parse_api
+from ldm_core.graph.spec import NodeSpec
+from ldm_core.graph.ui import is_ui_workflow, parse_ui
 
 Format = Literal["api", "ui"]
 Prefer = Literal["prompt", "workflow"]

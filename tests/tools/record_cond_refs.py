@@ -222,7 +222,7 @@ def record_layout(out_dir: Path, x_transformer: Path) -> None:
     import importlib.util
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from ldm_core.layout import LayoutEncoderConfig, random_layout_encoder, tokenize_layout
+    from ldm_core.conditioning.layout import LayoutEncoderConfig, random_layout_encoder, tokenize_layout
 
     spec = importlib.util.spec_from_file_location("x_transformer", x_transformer)
     xt = importlib.util.module_from_spec(spec)

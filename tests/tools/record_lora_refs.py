@@ -39,8 +39,8 @@ def main(comfy_dir: str) -> None:
     from comfy import sd1_clip, sdxl_clip
     from comfy.text_encoders import sd2_clip
 
-    from ldm_core.presets import PRESETS
-    from ldm_core.unet import UNetModel
+    from ldm_core.networks.presets import PRESETS
+    from ldm_core.networks.unet import UNetModel
 
     clips = {"sd1": sd1_clip.SD1ClipModel, "sd2": sd2_clip.SD2ClipModel, "sdxl": sdxl_clip.SDXLClipModel}
     for family, clip_type in clips.items():

@@ -1,0 +1,240 @@
+"""Execution: dependency order, only needed nodes, signature caching across runs,
+is_changed, failure isolation, hooks and progress."""
+from __future__ import annotations
+
+import math
+import sys
+from collections import Counter
+
+import pytest
+
+from ldm_core.graph import (
+    ExecutionFailed, Executor, Hooks, NodeExecutionError, OutputCache, ValidationError, parse_api,
+)
+from ldm_core.graph.spec import INT, InputSpec, NodeSpec, OutputSpec
+from graph_toys import toy_registry
+
+TXT2IMG = {
+    "1": {"class_type": "Loader", "inputs": {"ckpt_name": "tiny.ckpt"}},
+    "2": {"class_type": "Encode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+    "3": {"class_type": "Encode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
+    "4": {"class_type": "EmptyLatent", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    "5": {"class_type": "Sampler", "inputs": {
+        "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent": ["4", 0],
+        "seed": 1, "steps": 4, "cfg": 7.0, "sampler_name": "euler"}},
+    "6": {"class_type": "Decode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+    "7": {"class_type": "Save", "inputs": {"images": ["6", 0], "filename_prefix": "x"}},
+}
+
+
+class Recorder(Hooks):
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def on_node_start(self, node_id, class_type):
+        self.events.append(("start", node_id))
+
+    def on_node_done(self, node_id, class_type, cached):
+        self.events.append(("done", node_id, cached))
+
+    def on_node_error(self, node_id, class_type, error):
+        self.events.append(("error", node_id))
+
+    def on_progress(self, node_id, class_type, done, total, preview=None):
+        self.events.append(("progress", node_id, done, total))
+
+
+def changed(**inputs) -> dict:
+    """TXT2IMG with inputs changed: changed(n5={"steps": 8})."""
+    prompt = parse_api(TXT2IMG)
+    for key, values in inputs.items():
+        prompt[key.lstrip("n")].inputs.update(values)
+    return prompt
+
+
+@pytest.fixture
+def calls() -> Counter:
+    return Counter()
+
+
+@pytest.fixture
+def executor(calls) -> Executor:
+    return Executor(toy_registry(calls), OutputCache(), Recorder())
+
+
+def test_runs_in_dependency_order(executor):
+    result = executor.run(parse_api(TXT2IMG))
+    starts = [e[1] for e in executor.hooks.events if e[0] == "start"]
+    assert sorted(starts) == sorted(TXT2IMG) and starts == result.executed
+    position = {node_id: k for k, node_id in enumerate(starts)}
+    for node_id, node in TXT2IMG.items():
+        for value in node["inputs"].values():
+            if isinstance(value, list):
+                assert position[value[0]] < position[node_id]
+    assert result.ok and result.ui["7"]["images"][0].startswith("x:image(sampled(model[tiny.ckpt],cond(clip[tiny.ckpt],a cat)")
+    assert result.outputs["4"] == ("latent(64x64x1)",)
+
+
+def test_only_needed_nodes_run(executor, calls):
+    prompt = {**parse_api(TXT2IMG), **parse_api({"20": {"class_type": "EmptyLatent", "inputs": {"width": 64, "height": 64, "batch_size": 2}}})}
+    result = executor.run(prompt)
+    assert "20" not in result.executed and calls["EmptyLatent"] == 1
+    partial = Executor(toy_registry(calls)).run(parse_api(TXT2IMG), outputs=["5"])
+    assert set(partial.executed) == {"1", "2", "3", "4", "5"}
+
+
+def test_unchanged_rerun_executes_nothing(executor, calls):
+    executor.run(parse_api(TXT2IMG))
+    before = sum(calls.values())
+    executor.cache.reset_stats()
+    result = executor.run(parse_api(TXT2IMG))
+    assert sum(calls.values()) == before and result.executed == []
+    assert sorted(result.cached) == sorted(TXT2IMG) and executor.cache.hits == 7 and executor.cache.misses == 0
+    assert result.ui["7"] and all(e[2] for e in executor.hooks.events[-14:] if e[0] == "done")
+
+
+@pytest.mark.parametrize("edit, recomputed", [
+    ({"n2": {"text": "a dog"}}, {"2", "5", "6", "7"}),
+    ({"n5": {"seed": 2}}, {"5", "6", "7"}),
+    ({"n7": {"filename_prefix": "y"}}, {"7"}),
+    ({"n4": {"width": 128}}, {"4", "5", "6", "7"}),
+    ({"n1": {"ckpt_name": "sd15.safetensors"}}, {"1", "2", "3", "5", "6", "7"}),
+])
+def test_changing_one_widget_recomputes_exactly_its_descendants(executor, calls, edit, recomputed):
+    executor.run(parse_api(TXT2IMG))
+    calls.clear()
+    result = executor.run(changed(**edit))
+    assert set(result.executed) == recomputed
+    assert sum(calls.values()) == len(recomputed)
+    assert set(result.cached) == set(TXT2IMG) - recomputed
+
+
+def test_cache_is_shared_through_the_caller(calls):
+    cache = OutputCache()
+    Executor(toy_registry(calls), cache).run(parse_api(TXT2IMG))
+    calls.clear()
+    assert Executor(toy_registry(calls), cache).run(parse_api(TXT2IMG)).executed == [] and not calls
+    bounded = OutputCache(max_entries=3)
+    Executor(toy_registry(calls), bounded).run(parse_api(TXT2IMG))
+    assert len(bounded) == 3
+
+
+def test_integral_float_hits_the_same_entry(executor):
+    executor.run(parse_api(TXT2IMG))
+    assert executor.run(changed(n5={"steps": 4.0})).executed == []
+
+
+def counting_spec(calls: Counter, is_changed=None, version=1) -> NodeSpec:
+    def run(ctx, path):
+        calls["Read"] += 1
+        return {"ui": {"read": path}, "result": (ctx["files"][path],)}
+
+    return NodeSpec("Read", "Read", "t", run, (InputSpec("path", "STRING"),), (OutputSpec(INT),),
+                    output_node=True, is_changed=is_changed, version=version)
+
+
+def test_is_changed_forces_a_rerun(calls):
+    reg = {"Read": counting_spec(calls, is_changed=lambda ctx, path: ctx["mtime"][path])}
+    ex = Executor(reg)
+    prompt = parse_api({"1": {"class_type": "Read", "inputs": {"path": "a"}}})
+    ctx = {"files": {"a": 1}, "mtime": {"a": 100}}
+    ex.run(prompt, ctx)
+    ex.run(prompt, ctx)
+    assert calls["Read"] == 1
+    ctx = {"files": {"a": 2}, "mtime": {"a": 101}}
+    assert ex.run(prompt, ctx).outputs["1"] == (2,) and calls["Read"] == 2
+
+
+def test_is_changed_nan_or_raising_means_always_rerun(calls):
+    for is_changed in (lambda ctx, path: math.nan, lambda ctx, path: 1 / 0):
+        calls.clear()
+        ex = Executor({"Read": counting_spec(calls, is_changed=is_changed)})
+        prompt = parse_api({"1": {"class_type": "Read", "inputs": {"path": "a"}}})
+        ex.run(prompt, {"files": {"a": 1}})
+        ex.run(prompt, {"files": {"a": 1}})
+        assert calls["Read"] == 2
+
+
+def test_version_is_part_of_the_key(calls):
+    cache = OutputCache()
+    prompt = parse_api({"1": {"class_type": "Read", "inputs": {"path": "a"}}})
+    Executor({"Read": counting_spec(calls)}, cache).run(prompt, {"files": {"a": 1}})
+    Executor({"Read": counting_spec(calls, version=2)}, cache).run(prompt, {"files": {"a": 1}})
+    assert calls["Read"] == 2
+
+
+BRANCHES = {
+    "1": {"class_type": "Const", "inputs": {"value": 3}},
+    "2": {"class_type": "Fail", "inputs": {"value": ["1", 0]}},
+    "3": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": 1}},
+    "4": {"class_type": "Show", "inputs": {"value": ["3", 0]}},
+    "5": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": 10}},
+    "6": {"class_type": "Show", "inputs": {"value": ["5", 0]}},
+}
+
+
+def test_failure_is_isolated_and_wraps_the_cause(executor):
+    with pytest.raises(ExecutionFailed) as info:
+        executor.run(parse_api(BRANCHES))
+    result = info.value.result
+    assert set(result.failed) == {"2"} and result.skipped == {"3": "2", "4": "2"}
+    assert result.ui["6"] == {"value": 13} and "6" in result.executed
+    err = result.failed["2"]
+    assert isinstance(err, NodeExecutionError) and (err.node_id, err.class_type) == ("2", "Fail")
+    assert isinstance(err.__cause__, ValueError) and err.original is err.__cause__
+    assert "node 2 (Fail) failed: ValueError: toy failure on 3" in str(info.value)
+    assert "node 4 skipped: it depends on failed node 2" in str(info.value)
+    assert info.value.__cause__ is err and ("error", "2") in executor.hooks.events
+
+
+def test_failure_can_be_returned_instead(executor, calls):
+    result = executor.run(parse_api(BRANCHES), raise_on_failure=False)
+    assert not result.ok and list(result.failed) == ["2"]
+    again = executor.run(parse_api(BRANCHES), raise_on_failure=False)  # failures are not cached
+    assert calls["Fail"] == 2 and set(again.cached) == {"1", "5", "6"} and again.executed == []
+
+
+def test_validation_happens_before_anything_runs(executor, calls):
+    with pytest.raises(ValidationError):
+        executor.run(changed(n5={"steps": 0}))
+    assert not calls and not executor.hooks.events
+
+
+def test_bad_return_shape_is_reported_as_the_nodes_error():
+    reg = {"Bad": NodeSpec("Bad", "Bad", "t", lambda ctx: 5, (), (OutputSpec(INT),)),
+           "Show": toy_registry()["Show"]}
+    prompt = parse_api({"1": {"class_type": "Bad"}, "2": {"class_type": "Show", "inputs": {"value": ["1", 0]}}})
+    result = Executor(reg).run(prompt, raise_on_failure=False)
+    assert isinstance(result.failed["1"].__cause__, TypeError) and "tuple of 1" in str(result.failed["1"])
+
+
+def test_hidden_inputs_and_progress():
+    seen = {}
+
+    def run(ctx, steps, progress, unique_id, prompt, extra_pnginfo):
+        progress.start(steps)
+        for k in range(steps):
+            progress.update(k + 1, steps)
+        seen.update(uid=unique_id, prompt=prompt, png=extra_pnginfo)
+        return {"ui": {"ok": True}}
+
+    spec = NodeSpec("Steps", "Steps", "t", run, (InputSpec("steps", INT, 2),), output_node=True,
+                    hidden=("progress", "unique_id", "prompt", "extra_pnginfo"))
+    hooks = Recorder()
+    api = {"9": {"class_type": "Steps", "inputs": {"steps": 2}}}
+    Executor({"Steps": spec}, hooks=hooks).run(parse_api(api), extra_pnginfo={"workflow": 1})
+    assert [e for e in hooks.events if e[0] == "progress"] == [("progress", "9", 0, 2), ("progress", "9", 1, 2), ("progress", "9", 2, 2)]
+    assert seen == {"uid": "9", "prompt": api, "png": {"workflow": 1}}
+
+
+def test_unknown_inputs_are_dropped(executor):
+    result = executor.run(changed(n5={"scheduler": "karras"}))
+    assert result.ok and [w.code for w in result.warnings] == ["unknown_input"]
+
+
+def test_long_chain_needs_no_recursion(calls):
+    n = sys.getrecursionlimit() + 500
+    api = {"0": {"class_type": "Const", "inputs": {"value": 0}}}
+    api.update({str(k): {"class_type": "Add", "inputs": {"a": [str(k - 1), 0], "b": 1}} for k in range(1, n)})
+    api["end"] = {"class_type": "Show", "inputs": {"value": [str(n - 1), 0]}}
+    assert Executor(toy_registry(calls)).run(parse_api(api)).ui["end"] == {"value": n - 1}
