@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from ldm_core.imaging import latent as latents
 from ldm_core.pipeline import jobs as pipeline
-from ldm_core.sampling import denoiser as sampling
 from ldm_core.sampling import schedule
-from ldm_core.sampling import solvers as samplers
+from ldm_core.sampling import sampler_table
 
 from .context import NodeContext
 from .socket_types import LATENT, MAX_SEED, SIGMAS, Sockets
@@ -66,14 +65,13 @@ def tiled_ksampler(ctx: NodeContext, model, seed: int, steps: int, cfg: float, s
     if tile_overlap >= tile_size:
         raise ValueError(f"tile_overlap ({tile_overlap}) must be smaller than tile_size ({tile_size}); "
                          f"a quarter of the tile is a good start")
-    f = model.config.vae.downsample_factor  # pixels per latent cell
-    tiling = pipeline.Tiling(tile_size // f, tile_overlap // f, blend)
+    tiling = pipeline.Tiling(model.latent_cells(tile_size), model.latent_cells(tile_overlap), blend)
     return _sample(model, positive, negative, latent_image, progress, seed=seed, steps=steps, cfg=cfg,
                    sampler=sampler_name, scheduler=scheduler, denoise=denoise, tiling=tiling)
 
 
 def ksampler_select(ctx: NodeContext, sampler_name: str):
-    return (samplers.select_sampler(sampler_name),)
+    return (sampler_table.select_sampler(sampler_name),)
 
 
 def basic_scheduler(ctx: NodeContext, model, scheduler: str, steps: int, denoise: float):
@@ -103,10 +101,10 @@ def flip_sigmas(ctx: NodeContext, sigmas):
 def sampler_custom(ctx: NodeContext, model, add_noise: bool, noise_seed: int, cfg: float, positive, negative,
                    sampler, sigmas, latent_image: dict, progress=None):
     samples = latents.check(latent_image, "latent_image")
-    if not isinstance(sampler, samplers.SamplerChoice):
+    if not isinstance(sampler, sampler_table.SamplerChoice):
         raise ValueError(f"sampler: expected a SAMPLER from KSamplerSelect, got {type(sampler).__name__}")
     output, denoised = pipeline.sample(
-        model, positive, negative, samples, sampler=sampler, sampler_name=sampler.name, sigmas=sigmas, cfg=cfg,
+        model, positive, negative, samples, sampler=sampler, sigmas=sigmas, cfg=cfg,
         seed=noise_seed, add_noise=add_noise, batch_index=latent_image.get("batch_index"), noise_mask=latent_image.get("noise_mask"),
         progress=progress or pipeline.null_progress)
     return latents.with_samples(latent_image, output), latents.with_samples(latent_image, denoised)
@@ -124,7 +122,7 @@ def _custom_specs(s: Sockets) -> list:
               out(SIGMAS, "low_sigmas", "The rest (low noise), starting at the shared σ.")]
     return [
         node("LDMKSamplerSelect", "Sampler Select (LDM)", "sampling/custom", ksampler_select,
-             [combo("sampler_name", tuple(sampling.SAMPLERS), "The ODE/SDE solver.")],
+             [combo("sampler_name", tuple(sampler_table.SAMPLERS), "The ODE/SDE solver.")],
              [out(s.sampler, "SAMPLER")], "Picks a sampler for SamplerCustom."),
         node("LDMBasicScheduler", "Basic Scheduler (LDM)", "sampling/custom", basic_scheduler,
              [socket("model", s.model, "The diffusion model (its trained noise levels)."),
@@ -168,7 +166,7 @@ def _common(s: Sockets, seed_name: str) -> dict:
                         control_after_generate=True),
         "steps": integer("steps", 20, 1, 10000, "Denoising steps."),
         "cfg": number("cfg", 8.0, 0.0, 100.0, 0.1, "Classifier-free guidance scale.", round_=0.01),
-        "sampler_name": combo("sampler_name", tuple(sampling.SAMPLERS), "The ODE/SDE solver."),
+        "sampler_name": combo("sampler_name", tuple(sampler_table.SAMPLERS), "The ODE/SDE solver."),
         "scheduler": combo("scheduler", tuple(schedule.SCHEDULERS), "How σ falls over the steps."),
         "positive": socket("positive", s.conditioning, "What the image should show."),
         "negative": socket("negative", s.conditioning, "What it should not show."),

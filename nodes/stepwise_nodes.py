@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ldm_core.imaging import latent as latents
 from ldm_core.pipeline import stepwise as parts
-from ldm_core.sampling import denoiser as sampling
+from ldm_core.sampling.noise import prepare_noise
 from ldm_core.sampling import schedule
 
 from .context import NodeContext
@@ -23,7 +23,7 @@ def _plain(latent: dict, what: str):
 def forward_diffusion(ctx: NodeContext, model, latent: dict, seed: int, level: float, level_type: str):
     _plain(latent, "latent")
     sigma = parts.level_to_sigma(model.schedule, level, level_type)
-    noise = sampling.prepare_noise(latent["samples"].shape, seed, latent.get("batch_index"))
+    noise = prepare_noise(latent["samples"].shape, seed, latent.get("batch_index"))
     x = parts.forward_diffuse(model.schedule, parts.to_model_space(model, latent), sigma, noise)
     return (parts.from_model_space(model, x, latent), sigma)
 
@@ -55,7 +55,7 @@ def _sigma(name: str, tooltip: str):
 
 
 def specs(s: Sockets, core: bool = False) -> list:
-    step_samplers = tuple(n for n in parts.STEP_SAMPLERS if n in sampling.SAMPLERS)
+    step_samplers = parts.STEP_SAMPLERS
     return [
         node("LDMForwardDiffusion", "Forward Diffusion (LDM)", "parts", forward_diffusion,
              [socket("model", s.model, "Gives the latent scale and the noise schedule."),

@@ -1,5 +1,5 @@
 """The embedded default model: a small latent diffusion model trained by this project
-(`ldm-train`, see README "The embedded model") on procedural scenes, shipped inside the
+(`ldm-train`, see docs/embedded-model.md) on procedural scenes, shipped inside the
 package so a fresh install makes real pictures with no download.
 
 It is an ordinary single-file checkpoint (SD key layout plus its config in the

@@ -8,7 +8,7 @@ that enters the UNet's ADM label embedding together with size conditioning.
 Regional conditioning (ComfyUI's semantics): an entry may cover only an `Area` of the
 latent, carry a `mask` that weights it per latent cell, and apply only for part of the
 sampling run (`start_percent`..`end_percent` of the schedule, 0 = first step). The
-operations below only describe this; `guidance.py` evaluates it at every step.
+operations below only describe this; `sampling/guidance.py` evaluates it at every step.
 """
 from __future__ import annotations
 

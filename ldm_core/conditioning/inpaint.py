@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,8 @@ from ldm_core.imaging.mask import MaskError
 # Latent of an all-zero (black) picture in the model's scaled space, per channel, as ComfyUI
 # fills the masked-image input of an inpaint model that was given no picture.
 BLANK_INPAINT_LATENT = (0.8223, -0.6876, 0.6364, 0.1380)
+# How a sampler re-noises the known region (see `inpaint_noise`).
+InpaintNoise = Literal["start", "seed+1"]
 INPAINT_EXTRA_CHANNELS = 5  # 1 mask channel + 4 masked-image latent channels
 
 # Cond.extra keys: the pieces InpaintModelConditioning attaches (raw VAE latent [B,4,h,w];
@@ -187,11 +190,14 @@ class KnownRegion:
         return out * self.mask + self.latent * keep
 
 
-def inpaint_noise(sampler: str, shape: Sequence[int], seed: int, noise: torch.Tensor) -> torch.Tensor:
-    """Noise for re-noising the known region: the sampling noise itself, except for "ddim",
-    which ComfyUI runs as Euler with a fresh draw from seed + 1 there."""
-    if sampler != "ddim":
+def inpaint_noise(rule: InpaintNoise, shape: Sequence[int], seed: int, noise: torch.Tensor) -> torch.Tensor:
+    """Noise for re-noising the known region, by the sampler's rule (its `inpaint_noise` trait in
+    the sampler table): "start", the sampling's start noise itself; "seed+1", a fresh draw from
+    seed + 1 (ComfyUI runs "ddim" as Euler with that draw there)."""
+    if rule == "start":
         return noise
+    if rule != "seed+1":
+        raise ValueError(f"inpaint noise rule must be 'start' or 'seed+1', got {rule!r}")
     generator = torch.Generator("cpu").manual_seed(int(seed) + 1)
     return torch.randn(list(shape), generator=generator, dtype=torch.float32)
 

@@ -3,7 +3,7 @@
 Two ways to condition on "this object in this box":
 
 1. Regional prompts (any text-conditioned model): each (prompt, box) becomes a conditioning
-   entry restricted to its box's area (guidance.py composes the regions at every step).
+   entry restricted to its box's area (sampling/guidance.py composes the regions at every step).
 2. Layout-to-image (Rombach et al. 2022, §4.3 and appendix): a layout is a sequence of
    tokens, three per object (class, top-left corner, bottom-right corner), and a
    transformer τθ encodes the sequence into the cross-attention context [B, 3·N, D].

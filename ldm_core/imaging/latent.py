@@ -7,9 +7,20 @@ from typing import Any
 import torch
 
 
+def cells(pixels: int, factor: int) -> int:
+    """Latent cells covering `pixels` image pixels at `factor` pixels per cell (floored): the one
+    pixel → latent conversion (f = the VAE's downsampling factor, `VAEConfig.downsample_factor`)."""
+    return pixels // factor
+
+
+def pixels(cells: int, factor: int) -> int:
+    """Image pixels covered by `cells` latent cells at `factor` pixels per cell."""
+    return cells * factor
+
+
 def empty(width: int, height: int, batch_size: int = 1, channels: int = 4, factor: int = 8) -> torch.Tensor:
     """Zeros [B, C, H/f, W/f] (sizes floored to multiples of f), as EmptyLatentImage."""
-    return torch.zeros(batch_size, channels, height // factor, width // factor)
+    return torch.zeros(batch_size, channels, cells(height, factor), cells(width, factor))
 
 
 def with_samples(latent: dict[str, Any], samples: torch.Tensor) -> dict[str, Any]:

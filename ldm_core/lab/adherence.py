@@ -1,5 +1,5 @@
 """Measured quality of a scenes model through the engine: prompt adherence, layout-to-image
-box IoU and autoencoder reconstruction, scored by the procedural detector (evaluate.py).
+box IoU and autoencoder reconstruction, scored by the procedural detector (detector.py).
 
 Everything runs through the same code a user's graph runs: the checkpoint as loaded by
 `loader.load_checkpoint`, prompts through its text encoder, layouts through its

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 from ldm_core.conditioning.cond import Cond
 from ldm_core.networks.config import ModelConfig, TextEncoderConfig, VAEConfig
 from ldm_core.errors import PromptError
+from ldm_core.imaging import latent as latents
 from ldm_core.lora.weight_patch import LoraTarget, PatchedModule, WeightPatch, patched
 from ldm_core.text.prompt_syntax import tokenize_with_weights
 from ldm_core.sampling.denoiser import Denoiser
@@ -40,9 +41,9 @@ class DiffusionModel:
     device: torch.device
     dtype: torch.dtype
     schedule: DiscreteSchedule = field(init=False)
-    # LoRA weight patches carried by this view of the (shared, unchanged) UNet; see lora.py.
+    # LoRA weight patches carried by this view of the (shared, unchanged) UNet; see lora/weight_patch.py.
     patches: tuple[WeightPatch, ...] = ()
-    # x̂0 (model space) → RGB uint8 [h, w, 3] for per-step previews (preview.py); the loader
+    # x̂0 (model space) → RGB uint8 [h, w, 3] for per-step previews (imaging/preview.py); the loader
     # binds it to the checkpoint's VAE, None shows no previews.
     preview: Callable[[torch.Tensor], Any] | None = field(default=None, compare=False, repr=False)
 
@@ -52,6 +53,20 @@ class DiffusionModel:
     @property
     def latent_channels(self) -> int:
         return self.config.unet.out_channels
+
+    @property
+    def pixels_per_cell(self) -> int:
+        """Image pixels per latent cell along each side: the VAE's downsampling factor f."""
+        return self.config.vae.downsample_factor
+
+    def image_size(self, latent_shape: Sequence[int]) -> tuple[int, int]:
+        """(H, W) in pixels of the image a latent [..., h, w] decodes to."""
+        f = self.pixels_per_cell
+        return latents.pixels(latent_shape[-2], f), latents.pixels(latent_shape[-1], f)
+
+    def latent_cells(self, pixels: int) -> int:
+        """Latent cells covering `pixels` image pixels (floored)."""
+        return latents.cells(pixels, self.pixels_per_cell)
 
     def latent_in(self, latent: torch.Tensor) -> torch.Tensor:
         """Raw VAE latent → the scaled space the model was trained in (×0.18215 for SD)."""
@@ -113,7 +128,7 @@ class TextEncoder:
     dtype: torch.dtype
     layer_idx: int | None = None
     embedding_dirs: tuple[Path, ...] = ()
-    # LoRA weight patches carried by this view of the (shared, unchanged) encoders; see lora.py.
+    # LoRA weight patches carried by this view of the (shared, unchanged) encoders; see lora/weight_patch.py.
     patches: tuple[WeightPatch, ...] = ()
 
     @property

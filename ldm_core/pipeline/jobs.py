@@ -14,7 +14,9 @@ from ldm_core.loading.model import Checkpoint, DiffusionModel
 from ldm_core.progress import Progress, null_progress
 from ldm_core.sampling.guidance import CFGGuider
 from ldm_core.tiling.tiled_diffusion import TiledDenoiser, plan_windows
-from ldm_core.sampling.denoiser import DISCARD_PENULTIMATE, SAMPLERS, DenoiseFn, Sampler, noise_latent, prepare_noise
+from ldm_core.sampling.noise import noise_latent, prepare_noise
+from ldm_core.sampling.sampler_table import SamplerChoice, select_sampler
+from ldm_core.sampling.solvers import DenoiseFn
 from ldm_core.sampling.schedule import get_sigmas
 
 
@@ -36,13 +38,12 @@ def step_window(sigmas: torch.Tensor, start_step: int | None, last_step: int | N
 def make_guider(model: DiffusionModel, positive: Sequence[Cond], negative: Sequence[Cond], cfg: float,
                 latent_shape: Sequence[int]) -> CFGGuider:
     """The guided D(x, σ) for a latent of `latent_shape` [B, C, h, w] (size conditioning from h, w)."""
-    return CFGGuider(model.denoiser(), model.config, positive, negative, cfg,
-                     image_size=(latent_shape[-2] * 8, latent_shape[-1] * 8))
+    return CFGGuider(model.denoiser(), model.config, positive, negative, cfg, image_size=model.image_size(latent_shape))
 
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tiled diffusion (multidiffusion.py): windows of `tile` latent cells sharing `overlap`."""
+    """Tiled diffusion (tiling/tiled_diffusion.py): windows of `tile` latent cells sharing `overlap`."""
 
     tile: int
     overlap: int
@@ -65,7 +66,7 @@ def guided_denoiser(model: DiffusionModel, positive: Sequence[Cond], negative: S
 @torch.inference_mode()
 def sample(
     model: DiffusionModel, positive: Sequence[Cond], negative: Sequence[Cond], latent: torch.Tensor, *,
-    sampler: Sampler, sampler_name: str, sigmas: torch.Tensor, cfg: float, seed: int, add_noise: bool = True,
+    sampler: SamplerChoice, sigmas: torch.Tensor, cfg: float, seed: int, add_noise: bool = True,
     batch_index: Sequence[int] | None = None, noise_mask: torch.Tensor | None = None,
     tiling: Tiling | None = None, progress: Progress = null_progress,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +94,7 @@ def sample(
                           for conds in (positive, negative))
     denoiser = guided_denoiser(model, positive, negative, cfg, latent.shape, tiling)
     if mask is not None:
-        known_noise = inpaint.inpaint_noise(sampler_name, latent.shape, seed, noise)
+        known_noise = inpaint.inpaint_noise(sampler.entry.inpaint_noise, latent.shape, seed, noise)
         denoiser = inpaint.KnownRegion(denoiser, x_latent.to(model.device), known_noise.to(model.device),
                                        mask.to(model.device))
     total = len(sigmas) - 1
@@ -126,14 +127,13 @@ def ksample(
     steps of a longer schedule run, from the input noised to that σ_0), cuts KSamplerAdvanced's
     step window, then runs `sample` (noise, inpainting, tiling: see there).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
+    choice = select_sampler(sampler)
     sigmas = get_sigmas(model.schedule, scheduler, steps, denoise,
-                        discard_penultimate=sampler in DISCARD_PENULTIMATE)
+                        discard_penultimate=choice.entry.discard_penultimate)
     window = step_window(sigmas, start_step, last_step, force_full_denoise)
     if len(sigmas) == 0 or window is None:
         return latent
-    out, _ = sample(model, positive, negative, latent, sampler=SAMPLERS[sampler], sampler_name=sampler,
+    out, _ = sample(model, positive, negative, latent, sampler=choice,
                     sigmas=window, cfg=cfg, seed=seed, add_noise=add_noise, batch_index=batch_index,
                     noise_mask=noise_mask, tiling=tiling, progress=progress)
     return out

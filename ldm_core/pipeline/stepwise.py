@@ -25,13 +25,15 @@ from ldm_core.conditioning.cond import Cond
 from ldm_core.conditioning.inpaint import with_concat
 from ldm_core.imaging.latent import with_samples
 from ldm_core.loading.model import DiffusionModel
-from ldm_core.sampling.denoiser import SAMPLERS, noise_latent
+from ldm_core.sampling.noise import noise_latent
+from ldm_core.sampling.sampler_table import SAMPLERS
 from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas
 
 MODEL_SPACE_KEY = "ldm_model_space"
-# Solvers that take one model evaluation per step and carry no state or noise between steps:
-# one call on [σ_i, σ_i+1] with the step's x̂0 is exactly their step inside a full run.
-STEP_SAMPLERS = ("euler", "ddim")
+# Solvers that take one model evaluation per step and carry no state or noise between steps
+# (the table's `one_step` trait): one call on [σ_i, σ_i+1] with the step's x̂0 is exactly their
+# step inside a full run.
+STEP_SAMPLERS = tuple(name for name, entry in SAMPLERS.items() if entry.one_step)
 LEVEL_TYPES = ("sigma", "timestep")
 PLOT_QUANTITIES = ("sigma", "log_sigma", "alphas_cumprod")
 
@@ -116,9 +118,8 @@ def sampler_step(sampler: str, x: torch.Tensor, denoised: torch.Tensor, sigma: f
                  sigma_next: float) -> torch.Tensor:
     """Advance x from σ to σ_next given x̂0 at σ, with the registered solver itself (Euler:
     x + (x − x̂0)/σ·(σ_next − σ); DDIM with η = 0 is the same step in σ-space)."""
-    if sampler not in STEP_SAMPLERS or sampler not in SAMPLERS:
-        available = [s for s in STEP_SAMPLERS if s in SAMPLERS]
-        raise PartsError(f"sampler {sampler!r} cannot run one step at a time; use one of {available}")
+    if sampler not in STEP_SAMPLERS:
+        raise PartsError(f"sampler {sampler!r} cannot run one step at a time; use one of {list(STEP_SAMPLERS)}")
     if not sigma > 0 or sigma_next < 0:
         raise PartsError(f"need sigma > 0 and sigma_next ≥ 0, got {sigma} → {sigma_next}")
     if denoised.shape != x.shape:

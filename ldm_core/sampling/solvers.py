@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -638,48 +636,3 @@ def sample_uni_pc(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
                     model_prev[-1] = model_z
         report(i, steps if i == steps - 1 and i >= order else i, z, steps)
     return z / _vp(ts[-1])[0]
-
-
-# Order = ComfyUI's dropdown (its samplers that this engine implements, then plms).
-SAMPLERS: dict[str, Sampler] = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_2": sample_dpm_2,
-    "dpm_2_ancestral": sample_dpm_2_ancestral,
-    "lms": sample_lms,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
-    "ddpm": sample_ddpm,
-    "lcm": sample_lcm,
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "uni_pc": sample_uni_pc,
-    "uni_pc_bh2": partial(sample_uni_pc, variant="bh2"),
-}
-
-# KSampler plans one step more for these and drops the σ before the final 0 (ComfyUI's rule).
-DISCARD_PENULTIMATE = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
-
-
-@dataclass(frozen=True)
-class SamplerChoice:
-    """What a SAMPLER socket carries: a registered sampler by name, with fixed keyword options
-    (eta, s_noise, …). Callable with the `Sampler` signature; hashable, so graph caching can key on it."""
-
-    name: str
-    options: tuple[tuple[str, Any], ...] = ()
-
-    def __call__(self, denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                 callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        return SAMPLERS[self.name](denoiser, x, sigmas, callback=callback, generator=generator, **dict(self.options))
-
-
-def select_sampler(name: str, **options: Any) -> SamplerChoice:
-    """The sampler `name` of `SAMPLERS` with `options`; an unknown name lists the known ones."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; available: {', '.join(SAMPLERS)}")
-    return SamplerChoice(name, tuple(sorted(options.items())))

@@ -21,7 +21,8 @@ from ldm_core.conditioning.cond import Cond
 from ldm_core.loading.loader import load_checkpoint
 from ldm_core.pipeline.jobs import ksample
 from ldm_core.networks.presets import PRESETS, shrink
-from ldm_core.sampling.denoiser import SAMPLERS, prepare_noise
+from ldm_core.sampling.noise import prepare_noise
+from ldm_core.sampling.sampler_table import SAMPLERS, SamplerEntry
 from ldm_core.sampling.schedule import get_sigmas
 from ldm_core.checkpoints.synthetic import save_checkpoint
 from ldm_nodes.cli import main as ldm_run
@@ -145,7 +146,7 @@ def test_masked_euler_run_matches_comfyui(ref, sampler):
     def exact(x, sigma):
         return x * s2 / (s2 + sigma.reshape(-1, 1, 1, 1) ** 2)
 
-    known = inpaint.inpaint_noise(sampler, noise.shape, cases["run"]["seed"], noise)
+    known = inpaint.inpaint_noise(SAMPLERS[sampler].inpaint_noise, noise.shape, cases["run"]["seed"], noise)
     d = inpaint.KnownRegion(exact, clean, known, t["cc/prepared"])
     x = noise * torch.sqrt(1.0 + sigmas[0] ** 2) + clean  # σ_0 = σ_max: KSampler's start
     out = SAMPLERS[sampler](d, x, sigmas)
@@ -204,7 +205,7 @@ def test_img2img_denoise_zero_and_start_level(sd1, monkeypatch):
         seen["x"], seen["sigmas"] = x.clone(), sigmas.clone()
         return x
 
-    monkeypatch.setitem(SAMPLERS, "spy", spy)
+    monkeypatch.setitem(SAMPLERS, "spy", SamplerEntry(spy, order=1, stochastic=False))
     ksample(sd1.model, pos, neg, latent, seed=9, steps=5, cfg=3.0, sampler="spy", denoise=0.5)
     full = get_sigmas(sd1.model.schedule, "normal", 10)
     assert torch.equal(seen["sigmas"], full[-6:])  # the last 5 steps of a 10-step schedule

@@ -19,7 +19,8 @@ from ldm_core.conditioning.layout import (Box, LayoutEncoderConfig, LayoutError,
                              load_layout_encoder, parse_layout, random_layout_encoder, regional_conditioning,
                              resolve_classes, tokenize_layout)
 from ldm_core.networks.presets import PRESETS, shrink
-from ldm_core.sampling.denoiser import Denoiser, sample_euler
+from ldm_core.sampling.denoiser import Denoiser
+from ldm_core.sampling.solvers import sample_euler
 from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas
 from ldm_core.networks.unet import UNetModel
 

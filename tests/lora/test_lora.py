@@ -265,7 +265,7 @@ def _unchanged(module: nn.Module, snap) -> bool:
 
 def _hand_merged(model: DiffusionModel, clip: TextEncoder, loras: list[tuple[dict, float, float]]):
     """Copies of the UNet and text encoders with each LoRA's ΔW added by the textbook formula (float64),
-    found by name through the LDM/diffusers naming, independently of lora.py."""
+    found by name through the LDM/diffusers naming, independently of weight_patch.py."""
     unet, encoders = copy.deepcopy(model.unet), copy.deepcopy(clip.encoders)
     umap = unet_key_map(unet.state_dict(), model.config.unet)
     tmap = text_key_map(encoders.state_dict(), list(encoders.encoders))

@@ -11,7 +11,7 @@ from ldm_core.pipeline import stepwise as parts
 from ldm_core.networks.config import ScheduleConfig
 from ldm_core.graph import Executor
 from ldm_core.networks.presets import PRESETS, shrink
-from ldm_core.sampling.denoiser import SAMPLERS
+from ldm_core.sampling.sampler_table import SAMPLERS
 from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas
 from ldm_core.checkpoints.synthetic import save_checkpoint
 from ldm_nodes.context import NodeContext

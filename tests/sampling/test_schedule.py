@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from ldm_core.networks.config import ScheduleConfig
-from ldm_core.sampling.solvers import DISCARD_PENULTIMATE
+from ldm_core.sampling.sampler_table import SAMPLERS
+
+DISCARD_PENULTIMATE = {name for name, entry in SAMPLERS.items() if entry.discard_penultimate}
 from ldm_core.sampling.schedule import (
     SCHEDULERS, DiscreteSchedule, exponential_sigmas, flip_sigmas, get_sigmas, karras_sigmas, kl_optimal_sigmas,
     split_sigmas, split_sigmas_denoise,

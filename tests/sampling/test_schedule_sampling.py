@@ -11,7 +11,9 @@ from ldm_core.conditioning.cond import Cond
 from ldm_core.networks.config import ScheduleConfig
 from ldm_core.networks.presets import PRESETS, shrink
 from ldm_core.sampling.guidance import CFGGuider
-from ldm_core.sampling.denoiser import Denoiser, noise_latent, prepare_noise, sample_euler
+from ldm_core.sampling.denoiser import Denoiser
+from ldm_core.sampling.noise import noise_latent, prepare_noise
+from ldm_core.sampling.solvers import sample_euler
 from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas, normal_sigmas
 from ldm_core.networks.unet import UNetModel
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm_core.sampling.solvers import BrownianNoise, SAMPLERS, plms_order, sample_ddim, sample_euler, sample_euler_ancestral
-from ldm_core.sampling.denoiser import SAMPLERS as SAMPLERS_REEXPORTED
+from ldm_core.sampling.sampler_table import SAMPLERS
+from ldm_core.sampling.solvers import BrownianNoise, plms_order, sample_ddim, sample_euler, sample_euler_ancestral
 
 REF = load_file(str(Path(__file__).parents[1] / "data" / "samplers_comfyui.safetensors"))
 SEED = 1234  # the seed the fixture's stochastic runs used
@@ -47,7 +47,6 @@ def test_sampler_names_in_comfyui_order():
     assert list(SAMPLERS) == ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms",
                               "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "ddpm",
                               "lcm", "ddim", "plms", "uni_pc", "uni_pc_bh2"]
-    assert SAMPLERS_REEXPORTED is SAMPLERS
 
 
 # Measured on the CPU the references were made on: 0 for all but lms (4.8e-7), dpmpp_sde (4.8e-7), uni_pc
@@ -185,6 +184,17 @@ ORDERS = {"euler": (0.85, 1.2), "ddim": (0.85, 1.2), "heun": (1.8, 2.3), "dpm_2"
           "uni_pc_bh2": (1.8, 2.5)}
 
 
+def test_the_sampler_table_states_what_these_tests_measure():
+    """Each entry's traits: noise drawn exactly by the samplers the statistics tests treat as
+    stochastic; a stated order no lower than the order measured below; one-step form only for
+    the two solvers without state between steps."""
+    assert {n for n, e in SAMPLERS.items() if e.stochastic} == set(STOCHASTIC)
+    for name, (lo, _) in ORDERS.items():
+        assert SAMPLERS[name].order >= lo, name
+    assert [n for n, e in SAMPLERS.items() if e.one_step] == ["euler", "ddim"]
+    assert [n for n, e in SAMPLERS.items() if e.inpaint_noise != "start"] == ["ddim"]
+
+
 @pytest.mark.parametrize("name", list(ORDERS))
 def test_deterministic_samplers_converge_to_exact_ode_solution_at_their_order(name):
     errors = [_ode_error(name, n) for n in (32, 64, 128)]
@@ -303,7 +313,7 @@ def test_short_schedules():
 
 
 def test_sampler_choice_carries_options_and_is_hashable():
-    from ldm_core.sampling.solvers import SamplerChoice, select_sampler
+    from ldm_core.sampling.sampler_table import SamplerChoice, select_sampler
 
     choice = select_sampler("euler_ancestral", eta=0.0)
     assert choice == SamplerChoice("euler_ancestral", (("eta", 0.0),)) and hash(choice) == hash(select_sampler(

@@ -35,7 +35,7 @@ import torch
 from ldm_core.loading.loader import load_checkpoint
 from ldm_core.pipeline.jobs import make_guider
 from ldm_core.networks.presets import PRESETS, shrink
-from ldm_core.sampling.solvers import SAMPLERS
+from ldm_core.sampling.sampler_table import SAMPLERS
 from ldm_core.sampling.schedule import get_sigmas
 from ldm_core.checkpoints.synthetic import save_checkpoint
 

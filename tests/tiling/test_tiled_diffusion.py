@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm_core.tiling.tiled_diffusion import TiledDenoiser, Window, plan_windows, window_weight
-from ldm_core.sampling.denoiser import sample_euler
+from ldm_core.sampling.solvers import sample_euler
 
 
 def pointwise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

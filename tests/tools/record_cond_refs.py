@@ -1,5 +1,5 @@
-"""Record ComfyUI's regional-conditioning results as fixtures for tests/test_guidance.py and
-tests/test_conditioning.py.
+"""Record ComfyUI's regional-conditioning results as fixtures for tests/sampling/test_guidance.py and
+tests/conditioning/test_cond.py.
 
 Runs ComfyUI's own sampling_function (calc_cond_batch with areas, feathering, masks, mask
 bounds, timestep ranges, area pairing, c_concat cropping, CFG) and its Conditioning* node

@@ -11,7 +11,7 @@ InpaintModelConditioning (with a stand-in VAE whose "latent" is the cropped pict
 so the pixel work is what gets recorded), the sampler's noise-mask resize (prepare_mask),
 the inpaint model's concatenated input (BaseModel.concat_cond) and a whole masked Euler run
 (KSAMPLER + KSamplerX0Inpaint) on the exact denoiser of Gaussian data. Metadata names each
-case's parameters. CI never runs this; tests/test_inpaint.py reads the file.
+case's parameters. CI never runs this; tests/conditioning/test_inpaint.py reads the file.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Record ComfyUI's sigma schedules and sampler outputs as fixtures for tests/test_schedules.py and
-tests/test_samplers.py.
+"""Record ComfyUI's sigma schedules and sampler outputs as fixtures for tests/sampling/test_schedule.py and
+tests/sampling/test_solvers.py.
 
 Schedules: `comfy.samplers.calculate_sigmas` for every scheduler and a few step counts on the SD
 scaled-linear schedule (and on its zero-terminal-SNR variant), BasicScheduler with denoise < 1,
@@ -60,7 +60,7 @@ def model_sampling(zsnr: bool = False):
     return Sampling(cfg)
 
 
-# ---- the toy denoiser (restated in tests/test_samplers.py) -------------------------------------
+# ---- the toy denoiser (restated in tests/sampling/test_solvers.py) -------------------------------------
 MU = torch.tensor([0.3, -0.5, 0.1]).reshape(1, 3, 1, 1)
 S = torch.tensor([0.5, 1.0, 0.8]).reshape(1, 3, 1, 1)
 NONLIN = 0.05

@@ -1,4 +1,4 @@
-"""`python -m ldm_core.train` (the `ldm-train` script): train, estimate and export the embedded model.
+"""`python -m ldm_core.lab.train` (the `ldm-train` script): train, estimate and export the embedded model.
 
     ldm-train stage1 --run runs/scenes --steps 2500     # autoencoder  → runs/scenes/stage1
     ldm-train refine --run runs/scenes --steps 1000     # decoder only, frozen encoder → runs/scenes/stage1_refine

@@ -114,7 +114,7 @@ class DiffusionTrainConfig(_Config):
 
 
 # The shipped stage 2 (`ldm-train stage2`): every lesson of the position and layout probes from
-# step 0, in one run on one cosine (the README's "How it was trained" has the probes):
+# step 0, in one run on one cosine (docs/embedded-model.md, "How it was trained", has the probes):
 # - the UNet's context map (`UNetConfig.context_map_grid`): every context token (prompt or box)
 #   through a small MLP to a coarse 16×8×8 map, pooled over the tokens with learned per-channel
 #   weights (`context_map_gate`; the mean would drown a layout's 9 box tokens in the 77 of its ""
@@ -522,7 +522,7 @@ class DiffusionStage(Stage):
         from ldm_core.conditioning.cond import Cond
         from ldm_core.loading.model import DiffusionModel
         from ldm_core.pipeline.jobs import ksample
-        from ldm_core.sampling.denoiser import SAMPLERS
+        from ldm_core.sampling.sampler_table import SAMPLERS
 
         unet = self.emas["unet"].module if use_ema else self.unet
         text = self.emas["text"].module if use_ema else self.text
