@@ -50,12 +50,7 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_libraries()  # before the imports below pull in diffusers' pipelines
-    from . import cases
-    from . import load
-    from . import reference
-    from . import system
-    from . import table
-    from . import weights
+    from . import cases, load_times, reference, system, table, weights
 
     size_index = 1 if args.quick else 0
     which = [c for c in CASES if c in args.only]
@@ -71,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()  # the compute cases' mappings of the file must be gone before cold loads
     if "load" in which:
         # --quick evicts only its small file, not every other user's page cache
-        rows += load.run(path, pipeline_dir, repeats["load"], whole_cache=not args.quick)
+        rows += load_times.run(path, pipeline_dir, repeats["load"], whole_cache=not args.quick)
 
     size = path.stat().st_size / 2**30
     lines = [

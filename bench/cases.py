@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from ldm_core.checkpoints.weights_file import read_weights
-from ldm_core.networks.config import ModelConfig
 from ldm_core.loading.loader import load_checkpoint
 from ldm_core.loading.model import Checkpoint
+from ldm_core.networks.config import ModelConfig
 
 from . import reference
 from .table import Row

@@ -17,8 +17,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from ldm_core.checkpoints.embedded import embedded_checkpoint
-from ldm_core.loading.loader import load_checkpoint
 from ldm_core.lab.adherence import Settings, eval_scenes, generate, layout_cond
+from ldm_core.loading.loader import load_checkpoint
 
 PROMPTS = (
     "a red circle in the top left", "a blue square at the bottom", "a yellow triangle in the center",

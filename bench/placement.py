@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ldm_core.checkpoints.embedded import embedded_checkpoint
-from ldm_core.loading.loader import load_checkpoint
 from ldm_core.lab.adherence import Settings, generate
+from ldm_core.loading.loader import load_checkpoint
 
 CORNERS = ("in the top left", "in the top right", "in the bottom left", "in the bottom right")
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from ldm_core.checkpoints.embedded import embedded_checkpoint
+from ldm_core.lab.adherence import Settings, adherence, caption_scores, eval_scenes, layout_scores, reconstruction_psnr
 from ldm_core.lab.detector import objects_rate
 from ldm_core.loading.loader import load_checkpoint
-from ldm_core.lab.adherence import Settings, adherence, caption_scores, eval_scenes, layout_scores, reconstruction_psnr
 
 DETERMINISTIC = ("euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "uni_pc", "uni_pc_bh2", "plms")
 # Samplers also measured on the step grid they were published with (the main comparison uses

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from ldm_core.conditioning.cond import Cond
-from ldm_core.sampling.guidance import CFGGuider
 from ldm_core.loading.loader import load_checkpoint
 from ldm_core.sampling.denoiser import Denoiser
+from ldm_core.sampling.guidance import CFGGuider
 from ldm_core.sampling.sampler_table import SAMPLERS
 from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas
 

@@ -73,8 +73,8 @@ def child(method: str, size: int, weights: Path, out: Path, quick: bool, tile: i
     """Run one decode; print JSON {seconds, peak, before}; save the image (float32 .pt)."""
     from safetensors.torch import load_file
 
-    from ldm_core.tiling.tiled_vae import TileOptions, decode_tiled
     from ldm_core.networks.autoencoder_kl import AutoencoderKL
+    from ldm_core.tiling.tiled_vae import TileOptions, decode_tiled
 
     config = _config(quick)
     sd = load_file(str(weights))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ldm_core.checkpoints.synthetic import save_checkpoint
 from ldm_core.networks.config import ModelConfig
 from ldm_core.networks.presets import PRESETS, shrink
-from ldm_core.checkpoints.synthetic import save_checkpoint
 
 from .timing import progress
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
+    from ldm_core.checkpoints.model_family import detect_config
     from ldm_core.checkpoints.weights_file import read_weights
-    from ldm_core.checkpoints.detect import detect_config
 
     wf = read_weights(args.checkpoint)
     cfg = detect_config(wf.tensors, wf.metadata, prediction=args.prediction)
@@ -19,8 +19,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from ldm_core.networks.presets import PRESETS, shrink
     from ldm_core.checkpoints.synthetic import save_checkpoint
+    from ldm_core.networks.presets import PRESETS, shrink
 
     cfg = PRESETS[args.family]
     if args.narrow:
@@ -31,7 +31,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _txt2img(args: argparse.Namespace) -> int:
-    from ldm_core.device import pick_precision, pick_device
+    from ldm_core.device import pick_device, pick_precision
     from ldm_core.imaging.image_io import next_free_path, to_pil, write_png_atomic
     from ldm_core.loading.loader import load_checkpoint
     from ldm_core.pipeline.jobs import txt2img

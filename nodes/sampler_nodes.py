@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from ldm_core.imaging import latent as latents
 from ldm_core.pipeline import jobs as pipeline
-from ldm_core.sampling import schedule
-from ldm_core.sampling import sampler_table
+from ldm_core.sampling import sampler_table, schedule
 
 from .context import NodeContext
 from .socket_types import LATENT, MAX_SEED, SIGMAS, Sockets

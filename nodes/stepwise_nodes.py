@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ldm_core.imaging import latent as latents
 from ldm_core.pipeline import stepwise as parts
-from ldm_core.sampling.noise import prepare_noise
 from ldm_core.sampling import schedule
+from ldm_core.sampling.noise import prepare_noise
 
 from .context import NodeContext
 from .socket_types import IMAGE, LATENT, MAX_SEED, Sockets

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm_core.networks.clip_keys import hf_to_openclip
-from ldm_core.networks.config import ModelConfig, TextEncoderConfig
-from ldm_core.checkpoints.detect import CONFIG_METADATA_KEY, text_prefixes
-from ldm_core.networks.clip_text import ClipTextEncoder
-from ldm_core.networks.unet import UNetModel
+from ldm_core.checkpoints.model_family import CONFIG_METADATA_KEY, text_prefixes
 from ldm_core.networks.autoencoder_kl import AutoencoderKL
+from ldm_core.networks.clip_keys import hf_to_openclip
+from ldm_core.networks.clip_text import ClipTextEncoder
+from ldm_core.networks.config import ModelConfig, TextEncoderConfig
+from ldm_core.networks.unet import UNetModel
 
 
 def randomize_(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:

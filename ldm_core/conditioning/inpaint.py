@@ -25,10 +25,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ldm_core.imaging import mask as masks
 from ldm_core.conditioning.cond import Cond
-from ldm_core.networks.config import ModelConfig
+from ldm_core.imaging import mask as masks
 from ldm_core.imaging.mask import MaskError
+from ldm_core.networks.config import ModelConfig
 
 # Latent of an all-zero (black) picture in the model's scaled space, per channel, as ComfyUI
 # fills the masked-image input of an inpaint model that was given no picture.

@@ -8,8 +8,14 @@ Imports neither torch nor any engine module: node types come in as a registry
 (`Mapping[str, NodeSpec]`), caches are owned by the caller.
 """
 from ldm_core.graph.cache import NodeOutputs, OutputCache
-from ldm_core.graph.graph_errors import ExecutionFailed, NodeExecutionError, ValidationError, ValidationIssue, WorkflowError
 from ldm_core.graph.execute import Executor, Hooks, NodeProgress, RunResult
+from ldm_core.graph.graph_errors import (
+    ExecutionFailed,
+    NodeExecutionError,
+    ValidationError,
+    ValidationIssue,
+    WorkflowError,
+)
 from ldm_core.graph.prompt_graph import Link, Prompt, PromptNode, as_prompt, parse_api, to_api
 from ldm_core.graph.spec import InputSpec, NodeSpec, OutputSpec
 from ldm_core.graph.validate import check, validate

@@ -15,8 +15,8 @@ from typing import Any
 
 from ldm_core.graph.graph_errors import WorkflowError
 from ldm_core.graph.prompt_graph import Link, Prompt, PromptNode
-from ldm_core.graph.sockets import type_name, types_compatible
 from ldm_core.graph.spec import ANY, BOOLEAN, COMBO, STRING, InputSpec, NodeSpec
+from ldm_core.graph.wiring import type_name, types_compatible
 
 REROUTE, PRIMITIVE = "Reroute", "PrimitiveNode"
 EDITOR_ONLY = frozenset({"Note", "MarkdownNote"})

@@ -30,9 +30,9 @@ from typing import Any
 
 from ldm_core.graph.graph_errors import Severity, ValidationError, ValidationIssue
 from ldm_core.graph.prompt_graph import Link, Prompt, PromptNode, as_prompt, node_sort_key
-from ldm_core.graph.sockets import types_compatible
 from ldm_core.graph.spec import ANY, BOOLEAN, COMBO, FLOAT, INT, STRING, WIDGET_TYPES, InputSpec, NodeSpec
 from ldm_core.graph.topology import cycles, dependencies, needed
+from ldm_core.graph.wiring import types_compatible
 
 UNKNOWN_NODE_TYPE = "unknown_node_type"
 MISSING_REQUIRED_INPUT = "missing_required_input"

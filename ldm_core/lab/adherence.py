@@ -19,11 +19,11 @@ import torch
 
 from ldm_core.conditioning import cond as conditioning
 from ldm_core.conditioning.cond import Cond
-from ldm_core.lab.detector import ImageScore, box_iou, detect_objects, psnr, score_image, summarize
 from ldm_core.imaging.latent import empty
+from ldm_core.lab.detector import ImageScore, box_iou, detect_objects, psnr, score_image, summarize
+from ldm_core.lab.scenes import Scene, SceneConfig, make_scene
 from ldm_core.loading.model import Checkpoint
 from ldm_core.pipeline.jobs import ksample
-from ldm_core.lab.scenes import Scene, SceneConfig, make_scene
 
 EVAL_SEED = 7_000_001
 DEFAULTS = {"sampler": "dpmpp_2m", "scheduler": "karras", "steps": 20, "cfg": 5.0}

@@ -13,18 +13,18 @@ from typing import Any
 import torch
 
 from ldm_core.checkpoints import weights_file as ckpt
+from ldm_core.checkpoints.model_family import detect_config, detect_text_encoder, detect_unet, detect_vae, text_prefixes
 from ldm_core.checkpoints.weights_file import read_weights, split_components
-from ldm_core.networks.config import ModelConfig, TextEncoderConfig
-from ldm_core.checkpoints.detect import detect_config, detect_text_encoder, detect_unet, detect_vae, text_prefixes
 from ldm_core.device import Precision, pick_device, pick_precision
 from ldm_core.errors import StateDictMismatchError, UnsupportedModelError, WrongComponentError
-from ldm_core.loading.model import VAE, Checkpoint, DiffusionModel, TextEncoder
-from ldm_core.networks.presets import CLIP_G, CLIP_H, CLIP_L, PRESETS
 from ldm_core.imaging.preview import LatentPreviewer, VAEPreview
-from ldm_core.networks.clip_text import ClipTextEncoder, TextEncoderSet
-from ldm_core.text.tokenizer import ClipTokenizer
-from ldm_core.networks.unet import UNetModel
+from ldm_core.loading.model import VAE, Checkpoint, DiffusionModel, TextEncoder
 from ldm_core.networks.autoencoder_kl import AutoencoderKL
+from ldm_core.networks.clip_text import ClipTextEncoder, TextEncoderSet
+from ldm_core.networks.config import ModelConfig, TextEncoderConfig
+from ldm_core.networks.presets import CLIP_G, CLIP_H, CLIP_L, PRESETS
+from ldm_core.networks.unet import UNetModel
+from ldm_core.text.tokenizer import ClipTokenizer
 
 
 def _place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -16,17 +16,17 @@ from typing import Any
 import torch
 
 from ldm_core.conditioning.cond import Cond
-from ldm_core.networks.config import ModelConfig, TextEncoderConfig, VAEConfig
 from ldm_core.errors import PromptError
 from ldm_core.imaging import latent as latents
 from ldm_core.lora.weight_patch import LoraTarget, PatchedModule, WeightPatch, patched
-from ldm_core.text.prompt_syntax import tokenize_with_weights
+from ldm_core.networks.autoencoder_kl import AutoencoderKL
+from ldm_core.networks.clip_text import FROM_CONFIG, TextEncoderSet
+from ldm_core.networks.config import ModelConfig, TextEncoderConfig, VAEConfig
+from ldm_core.networks.unet import UNetModel
 from ldm_core.sampling.denoiser import Denoiser
 from ldm_core.sampling.schedule import DiscreteSchedule
-from ldm_core.networks.clip_text import FROM_CONFIG, TextEncoderSet
+from ldm_core.text.prompt_syntax import tokenize_with_weights
 from ldm_core.text.tokenizer import ClipTokenizer
-from ldm_core.networks.unet import UNetModel
-from ldm_core.networks.autoencoder_kl import AutoencoderKL
 from ldm_core.tiling.tiled_vae import TileOptions, decode_tiled, encode_tiled, free_memory, untiled_bytes
 
 log = logging.getLogger(__name__)

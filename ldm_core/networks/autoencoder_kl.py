@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldm_core.networks.config import VAEConfig
 from ldm_core.errors import DeviceError
+from ldm_core.networks.config import VAEConfig
 from ldm_core.networks.strict_load import load_strict
 
 _ATTN_WEIGHTS = ("q.weight", "k.weight", "v.weight", "proj_out.weight")

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ldm_core.errors import ConfigError, LdmError, PromptError, StateDictMismatchError
 from ldm_core.networks import clip_keys
 from ldm_core.networks.config import TextEncoderConfig
-from ldm_core.errors import ConfigError, LdmError, PromptError, StateDictMismatchError
 from ldm_core.networks.strict_load import load_strict
 
 START_TOKEN = 49406  # <|startoftext|> of every CLIP BPE vocabulary SD uses

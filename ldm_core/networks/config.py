@@ -2,7 +2,7 @@
 
 Each config is fixed at construction, round-trips through a plain dict (JSON-safe),
 and rejects unknown keys loudly. Presets for the named checkpoint families live in
-`presets.py`; `checkpoints/detect.py` fills these from a checkpoint's tensor shapes.
+`presets.py`; `checkpoints/model_family.py` fills these from a checkpoint's tensor shapes.
 """
 from __future__ import annotations
 

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_core.errors import ConfigError
 from ldm_core.networks.attention import SpatialTransformer
 from ldm_core.networks.config import UNetConfig
-from ldm_core.errors import ConfigError
 from ldm_core.networks.strict_load import load_strict
 
 

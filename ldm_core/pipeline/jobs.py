@@ -13,11 +13,11 @@ from ldm_core.imaging.mask import to_latent
 from ldm_core.loading.model import Checkpoint, DiffusionModel
 from ldm_core.progress import Progress, null_progress
 from ldm_core.sampling.guidance import CFGGuider
-from ldm_core.tiling.tiled_diffusion import TiledDenoiser, plan_windows
 from ldm_core.sampling.noise import noise_latent, prepare_noise
 from ldm_core.sampling.sampler_table import SamplerChoice, select_sampler
-from ldm_core.sampling.solvers import DenoiseFn
 from ldm_core.sampling.schedule import get_sigmas
+from ldm_core.sampling.solvers import DenoiseFn
+from ldm_core.tiling.tiled_diffusion import TiledDenoiser, plan_windows
 
 
 def step_window(sigmas: torch.Tensor, start_step: int | None, last_step: int | None,

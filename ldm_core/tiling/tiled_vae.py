@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm_core.errors import LdmError
+from ldm_core.networks.autoencoder_kl import AutoencoderKL, DiagonalGaussian, ResnetBlock
 from ldm_core.tiling.parking import DiskMap
 from ldm_core.tiling.tile_grid import GroupStats, grid
-from ldm_core.networks.autoencoder_kl import AutoencoderKL, DiagonalGaussian, ResnetBlock
 
 Mode = Literal["exact", "fast"]
 MODES: tuple[str, ...] = ("exact", "fast")

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from ldm_core.checkpoints.detect import CONFIG_METADATA_KEY
 from ldm_core.checkpoints.embedded import EMBEDDED_NAME, EMBEDDED_PATH, embedded_checkpoint
-from ldm_core.loading.loader import load_checkpoint, load_layout_encoder
+from ldm_core.checkpoints.model_family import CONFIG_METADATA_KEY
 from ldm_core.lab.adherence import Settings, adherence, eval_scenes, reconstruction_psnr
+from ldm_core.loading.loader import load_checkpoint, load_layout_encoder
 from ldm_nodes.cli import main as ldm_run
 from ldm_nodes.context import NodeContext
 
@@ -79,8 +79,8 @@ def test_corner_words_move_the_object(ckpt):
     """The words decide where: for one seed, the four corner prompts put the red circle in four
     different quadrants, each the one its words name (the staged recipe's base model put all four on
     one pixel)."""
-    from ldm_core.lab.detector import detect_objects
     from ldm_core.lab.adherence import generate
+    from ldm_core.lab.detector import detect_objects
 
     corners = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
     conds = [ckpt.text_encoder.encode(f"a red circle in the {c}") for c in corners]

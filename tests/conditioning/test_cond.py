@@ -102,8 +102,8 @@ def test_core_conditioning_nodes_keep_comfyui_inputs_and_run():
 
 def test_regional_workflow_runs_headless(tmp_path):
     """Area + layout boxes + global prompt, combined, time-limited, against a zeroed negative."""
-    from ldm_core.networks.presets import PRESETS, shrink
     from ldm_core.checkpoints.synthetic import save_checkpoint
+    from ldm_core.networks.presets import PRESETS, shrink
     from ldm_nodes.cli import main as ldm_run
 
     (tmp_path / "models" / "checkpoints").mkdir(parents=True)

@@ -8,23 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
-from PIL import Image
-
+from ldm_core.checkpoints.synthetic import save_checkpoint
 from ldm_core.conditioning import inpaint
-from ldm_core.imaging import mask as masks
-from ldm_core.pipeline import stepwise as parts
-from ldm_core.graph import Executor
-from ldm_core.imaging.image_io import load_image, to_pil
 from ldm_core.conditioning.cond import Cond
+from ldm_core.graph import Executor
+from ldm_core.imaging import mask as masks
+from ldm_core.imaging.image_io import load_image, to_pil
 from ldm_core.loading.loader import load_checkpoint
-from ldm_core.pipeline.jobs import ksample
 from ldm_core.networks.presets import PRESETS, shrink
+from ldm_core.pipeline import stepwise as parts
+from ldm_core.pipeline.jobs import ksample
 from ldm_core.sampling.noise import prepare_noise
 from ldm_core.sampling.sampler_table import SAMPLERS, SamplerEntry
 from ldm_core.sampling.schedule import get_sigmas
-from ldm_core.checkpoints.synthetic import save_checkpoint
 from ldm_nodes.cli import main as ldm_run
 from ldm_nodes.context import NodeContext
 from ldm_nodes.registry import headless_registry
@@ -356,8 +355,8 @@ def test_inpaint_model_graph_of_core_nodes(dirs):
 def test_coordinate_channels_are_not_concat_inputs():
     """A coord_channels model (the embedded one) has 2 inputs beyond the latent that it makes
     itself: plain (non-inpaint) conditioning is left as is, no "concat" is asked for."""
-    from ldm_core.networks.config import ModelConfig, UNetConfig
     from ldm_core.conditioning.inpaint import concat_channels, is_inpaint_model, with_concat
+    from ldm_core.networks.config import ModelConfig, UNetConfig
 
     config = ModelConfig(unet=UNetConfig(in_channels=6), coord_channels=True)
     assert concat_channels(config) == 0 and not is_inpaint_model(config)

@@ -12,17 +12,27 @@ import torch
 from safetensors import safe_open
 
 from ldm_core.conditioning.cond import Area, Cond
-from ldm_core.networks.config import ScheduleConfig
+from ldm_core.conditioning.layout import (
+    Box,
+    LayoutEncoderConfig,
+    LayoutError,
+    corner_token,
+    layout_state_dict,
+    load_layout_encoder,
+    parse_layout,
+    random_layout_encoder,
+    regional_conditioning,
+    resolve_classes,
+    tokenize_layout,
+)
 from ldm_core.errors import ConfigError
-from ldm_core.sampling.guidance import CFGGuider
-from ldm_core.conditioning.layout import (Box, LayoutEncoderConfig, LayoutError, corner_token, layout_state_dict,
-                             load_layout_encoder, parse_layout, random_layout_encoder, regional_conditioning,
-                             resolve_classes, tokenize_layout)
+from ldm_core.networks.config import ScheduleConfig
 from ldm_core.networks.presets import PRESETS, shrink
-from ldm_core.sampling.denoiser import Denoiser
-from ldm_core.sampling.solvers import sample_euler
-from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas
 from ldm_core.networks.unet import UNetModel
+from ldm_core.sampling.denoiser import Denoiser
+from ldm_core.sampling.guidance import CFGGuider
+from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas
+from ldm_core.sampling.solvers import sample_euler
 
 DATA = Path(__file__).parents[1] / "data"
 SMALL = LayoutEncoderConfig(vocab_size=101, num_classes=20, max_objects=4, max_seq_len=14, dim=48, depth=1,

@@ -7,12 +7,18 @@ import sys
 from collections import Counter
 
 import pytest
+from graph_toys import toy_registry
 
 from ldm_core.graph import (
-    ExecutionFailed, Executor, Hooks, NodeExecutionError, OutputCache, ValidationError, parse_api,
+    ExecutionFailed,
+    Executor,
+    Hooks,
+    NodeExecutionError,
+    OutputCache,
+    ValidationError,
+    parse_api,
 )
 from ldm_core.graph.spec import INT, InputSpec, NodeSpec, OutputSpec
-from graph_toys import toy_registry
 
 TXT2IMG = {
     "1": {"class_type": "Loader", "inputs": {"ckpt_name": "tiny.ckpt"}},

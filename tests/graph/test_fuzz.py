@@ -12,11 +12,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from graph_toys import TXT2IMG_LINKS, png_with_text, toy_registry, txt2img_api, txt2img_ui_nodes, ui_workflow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ldm_core.graph import ExecutionFailed, Executor, ValidationError, WorkflowError, load_workflow, validate
-from graph_toys import TXT2IMG_LINKS, png_with_text, toy_registry, txt2img_api, txt2img_ui_nodes, ui_workflow
 
 REG = toy_registry()
 EXPECTED = (WorkflowError, ValidationError, ExecutionFailed)

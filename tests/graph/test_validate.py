@@ -4,10 +4,10 @@ from __future__ import annotations
 import copy
 
 import pytest
+from graph_toys import toy_registry
 
 from ldm_core.graph import ValidationError, check, parse_api, validate
 from ldm_core.graph.spec import COMBO, InputSpec, NodeSpec, OutputSpec
-from graph_toys import toy_registry
 
 REG = toy_registry()
 

@@ -7,14 +7,21 @@ import io
 import json
 
 import pytest
+from graph_toys import (
+    SAMPLER_INPUTS,
+    TXT2IMG_LINKS,
+    png_with_text,
+    toy_registry,
+    txt2img_api,
+    txt2img_ui_nodes,
+    ui_node,
+    ui_workflow,
+)
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ldm_core.graph import Link, PromptNode, WorkflowError, detect_format, load_workflow, parse_api, to_api
 from ldm_core.graph.spec import BOOLEAN, INT, STRING, InputSpec, NodeSpec
-from graph_toys import (
-    SAMPLER_INPUTS, TXT2IMG_LINKS, png_with_text, toy_registry, txt2img_api, txt2img_ui_nodes, ui_node, ui_workflow,
-)
 
 REG = toy_registry()
 TXT2IMG_API = txt2img_api()

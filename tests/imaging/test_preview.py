@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm_core.loading.model import VAE
-from ldm_core.imaging.preview import LatentPreviewer, colour_fields
-from ldm_core.networks.presets import PRESETS, shrink
 from ldm_core.checkpoints.synthetic import random_state_dict
+from ldm_core.imaging.preview import LatentPreviewer, colour_fields
+from ldm_core.loading.model import VAE
 from ldm_core.networks.autoencoder_kl import AutoencoderKL
+from ldm_core.networks.presets import PRESETS, shrink
 from ldm_nodes.comfy_adapter import ComfyProgress
 
 

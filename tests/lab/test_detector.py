@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from ldm_core.lab.detector import (
-    CaptionError, box_iou, detect_objects, layout_ious, parse_caption, psnr, score_image, summarize, template,
+    CaptionError,
+    box_iou,
+    detect_objects,
+    layout_ious,
+    parse_caption,
+    psnr,
+    score_image,
+    summarize,
+    template,
 )
 from ldm_core.lab.scenes import POSITION_PHRASES, make_scene
 

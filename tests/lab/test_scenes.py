@@ -6,8 +6,18 @@ import pytest
 
 from ldm_core.errors import ConfigError
 from ldm_core.lab.scenes import (
-    COLOUR_NAMES, POSITION_PHRASES, RELATIONS, SHAPES, SceneConfig, class_id, coverage, grid_cell, make_scene,
-    relation_between, relation_holds, scene_stream,
+    COLOUR_NAMES,
+    POSITION_PHRASES,
+    RELATIONS,
+    SHAPES,
+    SceneConfig,
+    class_id,
+    coverage,
+    grid_cell,
+    make_scene,
+    relation_between,
+    relation_holds,
+    scene_stream,
 )
 
 SCENES = [make_scene(11, i) for i in range(120)]

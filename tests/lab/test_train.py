@@ -6,16 +6,28 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm_core.networks.config import ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from ldm_core.loading.loader import load_checkpoint
 from ldm_core.lab.scenes import SceneConfig, make_scene
-from ldm_core.sampling.schedule import DiscreteSchedule
-from ldm_core.lab.train.autoencoder_stage import AutoencoderStage, AutoencoderTrainConfig, build_autoencoder, kl_divergence
-from ldm_core.lab.train.diffusion_stage import (SCENES_LAYOUT, DiffusionStage, DiffusionTrainConfig, PromptTokens, encode_text,
-                                      layout_tokens, load_stage1)
+from ldm_core.lab.train.autoencoder_stage import (
+    AutoencoderStage,
+    AutoencoderTrainConfig,
+    build_autoencoder,
+    kl_divergence,
+)
+from ldm_core.lab.train.diffusion_stage import (
+    SCENES_LAYOUT,
+    DiffusionStage,
+    DiffusionTrainConfig,
+    PromptTokens,
+    encode_text,
+    layout_tokens,
+    load_stage1,
+)
 from ldm_core.lab.train.ema import EMA, ema_decay
 from ldm_core.lab.train.export import export_checkpoint
 from ldm_core.lab.train.state import STATE_TENSORS
+from ldm_core.loading.loader import load_checkpoint
+from ldm_core.networks.config import ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ldm_core.sampling.schedule import DiscreteSchedule
 
 SCENES = SceneConfig(size=32)
 TINY_VAE = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, embed_dim=4, norm_groups=8)
@@ -486,8 +498,8 @@ def test_map_loss_trains_the_context_map_to_place_classes(stage1_run, monkeypatc
 
     from ldm_core.lab.scenes import NUM_CLASSES
     from ldm_core.lab.train import diffusion_stage as diffusion
-    from ldm_core.lab.train.scene_batches import scene_batch
     from ldm_core.lab.train.diffusion_stage import map_cross_entropy, occupancy
+    from ldm_core.lab.train.scene_batches import scene_batch
 
     batch = scene_batch(99, 0, 4, SCENES)
     monkeypatch.setattr(diffusion, "scene_batch", lambda *args: batch)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldm_core.checkpoints.synthetic import checkpoint_tensors, save_checkpoint
 from ldm_core.checkpoints.weights_file import read_weights
 from ldm_core.errors import StateDictMismatchError, UnsupportedModelError, WrongComponentError
 from ldm_core.loading.loader import load_checkpoint, load_diffusion_model, load_text_encoder, load_vae
-from ldm_core.pipeline.jobs import txt2img
 from ldm_core.networks.presets import PRESETS, shrink
-from ldm_core.checkpoints.synthetic import checkpoint_tensors, save_checkpoint
+from ldm_core.pipeline.jobs import txt2img
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,29 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ldm_core.loading.loader import load_checkpoint
-from ldm_core.lora.weight_patch import (
-    Full, LoHa, LoKr, LoraMismatchError, LowRank, WeightPatch, apply_lora, context_width, group_layers,
-    make_adapters, merged_weight, merged_weights, patched,
-)
-from ldm_core.lora.lora_names import random_lora, save_lora, text_key_map, unet_diffusers_names, unet_key_map
-from ldm_core.loading.model import DiffusionModel, TextEncoder
-from ldm_core.pipeline.jobs import ksample
-from ldm_core.networks.presets import PRESETS, shrink
 from ldm_core.checkpoints.synthetic import save_checkpoint
+from ldm_core.loading.loader import load_checkpoint
+from ldm_core.loading.model import DiffusionModel, TextEncoder
+from ldm_core.lora.lora_names import random_lora, save_lora, text_key_map, unet_diffusers_names, unet_key_map
+from ldm_core.lora.weight_patch import (
+    Full,
+    LoHa,
+    LoKr,
+    LoraMismatchError,
+    LowRank,
+    WeightPatch,
+    apply_lora,
+    context_width,
+    group_layers,
+    make_adapters,
+    merged_weight,
+    merged_weights,
+    patched,
+)
 from ldm_core.networks.clip_text import ClipTextEncoder, TextEncoderSet
+from ldm_core.networks.presets import PRESETS, shrink
 from ldm_core.networks.unet import UNetModel
+from ldm_core.pipeline.jobs import ksample
 
 DATA = Path(__file__).parents[1] / "data"
 SD1 = shrink(PRESETS["sd1"])

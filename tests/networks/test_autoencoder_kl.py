@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm_core.networks.config import VAEConfig
 from ldm_core.errors import StateDictMismatchError
-from ldm_core.networks.presets import PRESETS, shrink
 from ldm_core.networks.autoencoder_kl import AutoencoderKL, DiagonalGaussian, attention_weights_as_conv
+from ldm_core.networks.config import VAEConfig
+from ldm_core.networks.presets import PRESETS, shrink
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402

@@ -11,11 +11,11 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ldm_core.networks import clip_keys
-from ldm_core.networks.config import TextEncoderConfig
 from ldm_core.errors import ConfigError, PromptError, StateDictMismatchError
-from ldm_core.networks.presets import CLIP_G, CLIP_H, CLIP_L, PRESETS, shrink
+from ldm_core.networks import clip_keys
 from ldm_core.networks.clip_text import END_TOKEN, START_TOKEN, ClipTextEncoder, TextEncoderSet
+from ldm_core.networks.config import TextEncoderConfig
+from ldm_core.networks.presets import CLIP_G, CLIP_H, CLIP_L, PRESETS, shrink
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import (  # noqa: E402

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from ldm_core.networks.config import UNetConfig
 from ldm_core.errors import ConfigError, StateDictMismatchError
+from ldm_core.networks.config import UNetConfig
 from ldm_core.networks.presets import ADM_FOURIER_DIM, PRESETS, adm_scalars, shrink
 from ldm_core.networks.unet import UNetModel, size_embedding, timestep_embedding
 

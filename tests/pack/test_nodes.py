@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_core.imaging.image_io import to_pil
-from ldm_core.lora.lora_names import random_lora, save_lora
 from ldm_core.checkpoints.embedded import EMBEDDED_PATH
+from ldm_core.imaging.image_io import to_pil
 from ldm_core.loading.loader import load_checkpoint
+from ldm_core.lora.lora_names import random_lora, save_lora
 from ldm_nodes.cli import main as ldm_run
 from ldm_nodes.comfy_adapter import node_mappings
 from ldm_nodes.registry import CORE_NODES, headless_registry, pack_specs

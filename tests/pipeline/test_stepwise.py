@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from ldm_core.pipeline import stepwise as parts
-from ldm_core.networks.config import ScheduleConfig
+from ldm_core.checkpoints.synthetic import save_checkpoint
 from ldm_core.graph import Executor
+from ldm_core.networks.config import ScheduleConfig
 from ldm_core.networks.presets import PRESETS, shrink
+from ldm_core.pipeline import stepwise as parts
 from ldm_core.sampling.sampler_table import SAMPLERS
 from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas
-from ldm_core.checkpoints.synthetic import save_checkpoint
 from ldm_nodes.context import NodeContext
 from ldm_nodes.registry import headless_registry
 

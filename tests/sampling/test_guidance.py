@@ -13,9 +13,16 @@ from safetensors import safe_open
 from ldm_core.conditioning import cond as C
 from ldm_core.conditioning.cond import Area, Cond, ConditioningError
 from ldm_core.networks.config import ScheduleConfig
-from ldm_core.sampling.guidance import (CFGGuider, area_window, feather, mask_bounds_area, percent_to_sigma, region_weight,
-                               resolve)
 from ldm_core.networks.presets import PRESETS
+from ldm_core.sampling.guidance import (
+    CFGGuider,
+    area_window,
+    feather,
+    mask_bounds_area,
+    percent_to_sigma,
+    region_weight,
+    resolve,
+)
 from ldm_core.sampling.schedule import DiscreteSchedule
 
 DATA = Path(__file__).parents[1] / "data"
@@ -221,8 +228,8 @@ def test_real_unet_area_entry_with_concat_equals_its_crop_run_alone():
     """An inpaint-style UNet (4 + 5 input channels): the guider runs an area entry on its crop,
     with the concat input cropped alike, and composes it with the feathered weight."""
     from ldm_core.networks.presets import shrink
-    from ldm_core.sampling.denoiser import Denoiser
     from ldm_core.networks.unet import UNetModel
+    from ldm_core.sampling.denoiser import Denoiser
 
     cfg = shrink(PRESETS["sd1_inpaint"])
     cfg = cfg.replace(unet=cfg.unet.replace(channel_mult=(1, 2), transformer_depth=(1, 1), num_res_blocks=1))

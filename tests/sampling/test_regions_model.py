@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ldm_core.checkpoints.synthetic import save_checkpoint
 from ldm_core.conditioning import cond as C
 from ldm_core.loading.loader import load_checkpoint
-from ldm_core.pipeline.jobs import ksample, make_guider
 from ldm_core.networks.presets import PRESETS, shrink
-from ldm_core.checkpoints.synthetic import save_checkpoint
+from ldm_core.pipeline.jobs import ksample, make_guider
 
 LATENT = (1, 4, 16, 24)  # 128×192 px
 AREA_PX = dict(width=64, height=64, x=96, y=32)  # → latent cells rows 4..11, columns 12..19

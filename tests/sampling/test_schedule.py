@@ -17,8 +17,15 @@ from ldm_core.sampling.sampler_table import SAMPLERS
 
 DISCARD_PENULTIMATE = {name for name, entry in SAMPLERS.items() if entry.discard_penultimate}
 from ldm_core.sampling.schedule import (
-    SCHEDULERS, DiscreteSchedule, exponential_sigmas, flip_sigmas, get_sigmas, karras_sigmas, kl_optimal_sigmas,
-    split_sigmas, split_sigmas_denoise,
+    SCHEDULERS,
+    DiscreteSchedule,
+    exponential_sigmas,
+    flip_sigmas,
+    get_sigmas,
+    karras_sigmas,
+    kl_optimal_sigmas,
+    split_sigmas,
+    split_sigmas_denoise,
 )
 
 REF = json.loads((Path(__file__).parents[1] / "data" / "schedules_comfyui.json").read_text())

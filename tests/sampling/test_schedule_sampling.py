@@ -10,12 +10,12 @@ import torch
 from ldm_core.conditioning.cond import Cond
 from ldm_core.networks.config import ScheduleConfig
 from ldm_core.networks.presets import PRESETS, shrink
-from ldm_core.sampling.guidance import CFGGuider
-from ldm_core.sampling.denoiser import Denoiser
-from ldm_core.sampling.noise import noise_latent, prepare_noise
-from ldm_core.sampling.solvers import sample_euler
-from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas, normal_sigmas
 from ldm_core.networks.unet import UNetModel
+from ldm_core.sampling.denoiser import Denoiser
+from ldm_core.sampling.guidance import CFGGuider
+from ldm_core.sampling.noise import noise_latent, prepare_noise
+from ldm_core.sampling.schedule import DiscreteSchedule, get_sigmas, normal_sigmas
+from ldm_core.sampling.solvers import sample_euler
 
 SD = DiscreteSchedule(ScheduleConfig())
 
@@ -156,8 +156,8 @@ def test_normal_schedule_pinned_to_comfyui():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from ldm_core.loading.loader import load_checkpoint
     from ldm_core.checkpoints.synthetic import save_checkpoint
+    from ldm_core.loading.loader import load_checkpoint
 
     path = save_checkpoint(shrink(PRESETS["sd1"]), tmp_path_factory.mktemp("ck") / "m.safetensors", seed=3, vae=False)
     model = load_checkpoint(path, device="cpu").model

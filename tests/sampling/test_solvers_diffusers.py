@@ -32,17 +32,21 @@ import inspect
 import pytest
 import torch
 
+from ldm_core.checkpoints.synthetic import save_checkpoint
 from ldm_core.loading.loader import load_checkpoint
-from ldm_core.pipeline.jobs import make_guider
 from ldm_core.networks.presets import PRESETS, shrink
+from ldm_core.pipeline.jobs import make_guider
 from ldm_core.sampling.sampler_table import SAMPLERS
 from ldm_core.sampling.schedule import get_sigmas
-from ldm_core.checkpoints.synthetic import save_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
-    DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-    HeunDiscreteScheduler, UNet2DConditionModel,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UNet2DConditionModel,
 )
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: E402
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm_core.tiling.tiled_diffusion import TiledDenoiser, Window, plan_windows, window_weight
 from ldm_core.sampling.solvers import sample_euler
+from ldm_core.tiling.tiled_diffusion import TiledDenoiser, Window, plan_windows, window_weight
 
 
 def pointwise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -105,8 +105,8 @@ def regional_toy(x, sigma, context, y=None, concat=None):
 def test_windows_of_a_regional_guider_place_areas_masks_and_concat_on_the_whole_latent() -> None:
     from ldm_core.conditioning import cond as C
     from ldm_core.conditioning.cond import Cond
-    from ldm_core.sampling.guidance import CFGGuider
     from ldm_core.networks.presets import PRESETS
+    from ldm_core.sampling.guidance import CFGGuider
 
     g = torch.Generator().manual_seed(3)
     def prompt(v):
@@ -130,9 +130,9 @@ def test_windows_of_a_regional_guider_place_areas_masks_and_concat_on_the_whole_
 
 @pytest.fixture(scope="module")
 def tiny_sd1(tmp_path_factory):
+    from ldm_core.checkpoints.synthetic import save_checkpoint
     from ldm_core.loading.loader import load_checkpoint
     from ldm_core.networks.presets import PRESETS, shrink
-    from ldm_core.checkpoints.synthetic import save_checkpoint
 
     path = save_checkpoint(shrink(PRESETS["sd1"]), tmp_path_factory.mktemp("md") / "sd1.safetensors", seed=2)
     return load_checkpoint(path, device="cpu")

@@ -11,14 +11,14 @@ import logging
 import pytest
 import torch
 
-from ldm_core.networks.config import VAEConfig
-from ldm_core.loading.model import VAE
-from ldm_core.tiling.parking import DiskMap
-from ldm_core.networks.presets import PRESETS, shrink
 from ldm_core.checkpoints.synthetic import random_state_dict
-from ldm_core.tiling.tiled_vae import TileOptions, TilingError, auto_tile, decode_tiled, encode_tiled
-from ldm_core.tiling.tile_grid import GroupStats, grid, spans
+from ldm_core.loading.model import VAE
 from ldm_core.networks.autoencoder_kl import AutoencoderKL
+from ldm_core.networks.config import VAEConfig
+from ldm_core.networks.presets import PRESETS, shrink
+from ldm_core.tiling.parking import DiskMap
+from ldm_core.tiling.tile_grid import GroupStats, grid, spans
+from ldm_core.tiling.tiled_vae import TileOptions, TilingError, auto_tile, decode_tiled, encode_tiled
 
 TOL = 1e-4
 NARROW = VAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8)  # f = 4

@@ -42,18 +42,18 @@ class StubVAE:
 def main(comfy_dir: str) -> None:
     sys.path.insert(0, comfy_dir)
     sys.argv = [sys.argv[0], "--cpu"]
+    import comfy.options
     import torch
     from safetensors.torch import save_file
-
-    import comfy.options
     comfy.options.enable_args_parsing()
     import comfy.model_base
     import comfy.model_sampling
     import comfy.sampler_helpers
     import comfy.samplers
-    import nodes
     from comfy.k_diffusion import sampling as kd
     from comfy_extras import nodes_mask
+
+    import nodes
 
     g = torch.Generator().manual_seed(1234)
     t: dict[str, torch.Tensor] = {}

@@ -30,9 +30,8 @@ def main(comfy_dir: str) -> None:
     sys.path.insert(0, comfy_dir)
     sys.argv = [sys.argv[0], "--cpu"]  # ComfyUI parses its command line on import
     sys.path.insert(1, str(ROOT))
-    import torch
-
     import comfy.options
+    import torch
     comfy.options.enable_args_parsing()
     import comfy.lora
     import comfy.model_detection
@@ -62,10 +61,9 @@ def main(comfy_dir: str) -> None:
 
 
 def record_patch_math(root: Path) -> None:
+    import comfy.lora
     import torch
     from safetensors.torch import save_file
-
-    import comfy.lora
 
     g = torch.Generator().manual_seed(0)
 

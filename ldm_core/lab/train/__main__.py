@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -114,7 +114,13 @@ def _estimate(args: argparse.Namespace) -> int:
     """Time a few steps of the autoencoder and of stage 2 with the shipped configs (after one warm-up step)."""
     import torch
 
-    from ldm_core.lab.train.autoencoder_stage import SCENES_VAE, STAGE1, AutoencoderStage, AutoencoderTrainConfig, build_autoencoder
+    from ldm_core.lab.train.autoencoder_stage import (
+        SCENES_VAE,
+        STAGE1,
+        AutoencoderStage,
+        AutoencoderTrainConfig,
+        build_autoencoder,
+    )
     from ldm_core.lab.train.diffusion_stage import STAGE2_SCENES, DiffusionStage, stage2_config
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_core.networks.config import VAEConfig, _Config
 from ldm_core.lab.detector import psnr
 from ldm_core.lab.scenes import SceneConfig
-from ldm_core.networks.autoencoder_kl import AutoencoderKL
-from ldm_core.lab.train.scene_batches import heldout_batch, scene_batch, scene_config_from_dict, scene_config_to_dict
 from ldm_core.lab.train.loop import Stage, cosine_lr, image_grid, seeded
+from ldm_core.lab.train.scene_batches import heldout_batch, scene_batch, scene_config_from_dict, scene_config_to_dict
+from ldm_core.networks.autoencoder_kl import AutoencoderKL
+from ldm_core.networks.config import VAEConfig, _Config
 
 # The first stage: f = 4 (64×64 scenes → 16×16×4 latents), narrow. Four channels per
 # GroupNorm group: with 32 groups of one channel each (SD's 32 groups on a 32-wide first

@@ -28,27 +28,35 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ldm_core.networks.config import LayoutEncoderConfig, ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig, _Config
-from ldm_core.text.prompt_syntax import tokenize_with_weights
 from ldm_core.conditioning.layout import LayoutEncoder, tokenize_layout
 from ldm_core.lab.scenes import COLOUR_NAMES, NUM_CLASSES, SHAPES, Scene, SceneConfig, class_id
-from ldm_core.sampling.denoiser import with_coordinates
-from ldm_core.sampling.schedule import alphas_cumprod
-from ldm_core.networks.clip_text import ClipTextEncoder
-from ldm_core.text.tokenizer import ClipTokenizer
-from ldm_core.networks.unet import UNetModel
-from ldm_core.networks.autoencoder_kl import AutoencoderKL
-from ldm_core.lab.train.scene_batches import heldout_batch, scene_batch, scene_config_from_dict, scene_config_to_dict
 from ldm_core.lab.train.ema import EMA
 from ldm_core.lab.train.loop import Stage, cosine_lr, image_grid, seeded
+from ldm_core.lab.train.scene_batches import heldout_batch, scene_batch, scene_config_from_dict, scene_config_to_dict
 from ldm_core.lab.train.state import load_weights, read_state, sub_state
+from ldm_core.networks.autoencoder_kl import AutoencoderKL
+from ldm_core.networks.clip_text import ClipTextEncoder
+from ldm_core.networks.config import (
+    LayoutEncoderConfig,
+    ModelConfig,
+    ScheduleConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
+    _Config,
+)
+from ldm_core.networks.unet import UNetModel
+from ldm_core.sampling.denoiser import with_coordinates
+from ldm_core.sampling.schedule import alphas_cumprod
+from ldm_core.text.prompt_syntax import tokenize_with_weights
+from ldm_core.text.tokenizer import ClipTokenizer
 
 SCENES_TEXT = TextEncoderConfig(
     name="clip_scenes", hidden_size=64, num_layers=2, num_heads=1, intermediate_size=256, vocab_size=49408,
@@ -239,8 +247,8 @@ def build_unet(config: UNetConfig, seed: int) -> UNetModel:
 
 def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, str]]:
     """A single-file checkpoint written by `export_checkpoint`: its config (from the metadata), tensors, metadata."""
+    from ldm_core.checkpoints.model_family import CONFIG_METADATA_KEY, config_from_metadata
     from ldm_core.checkpoints.weights_file import read_weights
-    from ldm_core.checkpoints.detect import CONFIG_METADATA_KEY, config_from_metadata
 
     wf = read_weights(path)
     config = config_from_metadata(wf.metadata)
@@ -340,8 +348,8 @@ class DiffusionStage(Stage):
                 self._continue_from(init)
 
     def _init_from_checkpoint(self, path: Path) -> None:
+        from ldm_core.checkpoints.model_family import text_prefixes
         from ldm_core.checkpoints.weights_file import LAYOUT_PREFIX, UNET_PREFIX
-        from ldm_core.checkpoints.detect import text_prefixes
 
         config, tensors, metadata = read_checkpoint(path)
         unet = self.config.unet

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ldm_core.checkpoints.model_family import CONFIG_METADATA_KEY, text_prefixes
 from ldm_core.checkpoints.weights_file import LAYOUT_PREFIX, VAE_PREFIX
-from ldm_core.networks.config import ModelConfig, VAEConfig
-from ldm_core.checkpoints.detect import CONFIG_METADATA_KEY, text_prefixes
 from ldm_core.lab.train.diffusion_stage import DiffusionTrainConfig
 from ldm_core.lab.train.state import read_state, sub_state
+from ldm_core.networks.config import ModelConfig, VAEConfig
 
 
 def checkpoint_tensors(config: ModelConfig, unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor],

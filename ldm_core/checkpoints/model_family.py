@@ -22,8 +22,8 @@ import torch
 
 from ldm_core.checkpoints import weights_file as ckpt
 from ldm_core.checkpoints.weights_file import Components, prefix_summary
-from ldm_core.networks.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ldm_core.errors import ConfigError, UnsupportedModelError, WrongComponentError
+from ldm_core.networks.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from ldm_core.networks.presets import DESCRIPTIONS, PRESETS
 
 CONFIG_METADATA_KEY = "ldm_core.config"

@@ -7,14 +7,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm_core.checkpoints.weights_file import read_weights
-from ldm_core.checkpoints.detect import CONFIG_METADATA_KEY, detect_config
-from ldm_core.errors import UnsupportedModelError, WrongComponentError
-from ldm_core.networks.presets import PRESETS, shrink
+from ldm_core.checkpoints.model_family import CONFIG_METADATA_KEY, detect_config
 from ldm_core.checkpoints.synthetic import checkpoint_tensors, save_checkpoint
-from ldm_core.networks.clip_text import ClipTextEncoder
-from ldm_core.networks.unet import UNetModel
+from ldm_core.checkpoints.weights_file import read_weights
+from ldm_core.errors import UnsupportedModelError, WrongComponentError
 from ldm_core.networks.autoencoder_kl import AutoencoderKL
+from ldm_core.networks.clip_text import ClipTextEncoder
+from ldm_core.networks.presets import PRESETS, shrink
+from ldm_core.networks.unet import UNetModel
 
 FAMILIES = ["sd1", "sd1_inpaint", "sd2", "sd2_inpaint", "sdxl", "sdxl_refiner"]
 
