@@ -78,14 +78,14 @@ def loop_overheads(config, steps: int, repeats: int) -> dict[str, tuple[float, f
     guider = stub_guider(config, stub)
     schedule = DiscreteSchedule(config.schedule)
     sigmas = get_sigmas(schedule, "karras", steps)
-    x0 = torch.randn(1, config.unet.out_channels, LATENT, LATENT, generator=torch.Generator().manual_seed(SEED))
+    x0 = torch.randn(1, config.unet.out_channels, LATENT, LATENT, seed=SEED)
     x0 = x0 * (sigmas[0] ** 2 + 1).sqrt()
     probe = torch.randn(2, *x0.shape[1:])
     stub_call = median_seconds(lambda: stub(probe, None, None), 200)  # the stub's own cost, subtracted
     results = {}
     for name, sampler in SAMPLERS.items():
         def run() -> None:
-            sampler(guider, x0.clone(), sigmas, generator=torch.Generator().manual_seed(SEED))
+            sampler(guider, x0.clone(), sigmas, seed=SEED)
 
         stub.calls = 0
         run()

@@ -75,7 +75,7 @@ def sample(
     The one sampling core under KSampler, KSamplerAdvanced, SamplerCustom and tiled sampling.
     x starts at latent + σ_0·noise (sqrt(1 + σ_0²)·noise from σ_max), the noise drawn on the
     CPU from `seed` (zeros without `add_noise`); the sampler's own noise (ancestral, SDE) comes
-    from a CPU generator seeded with the same `seed`, as ComfyUI does — so a seed gives the
+    from the same `seed`, drawn on the CPU as ComfyUI does — so a seed gives the
     same image on every device. `noise_mask` (a LATENT's "noise_mask", 1 = repaint) is resized
     onto the latent and the region outside it is re-imposed at every model call
     (inpaint.KnownRegion); inpaint models (9-channel UNets) get their mask + masked-image input
@@ -106,8 +106,7 @@ def sample(
         preview = None if model.preview is None else (lambda: model.preview(denoised))
         progress.update(info["i"] + 1, total, preview=preview)
 
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    out = sampler(denoiser, x, sigmas.float().to(model.device), callback=callback, generator=generator)
+    out = sampler(denoiser, x, sigmas.float().to(model.device), callback=callback, seed=seed)
     progress.finish()
     out = model.latent_out(out.float().cpu())
     denoised = model.latent_out(last["denoised"].float().cpu()) if "denoised" in last else out

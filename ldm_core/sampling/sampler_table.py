@@ -31,9 +31,9 @@ class SamplerEntry:
     discard_penultimate: bool = False  # KSampler plans one step more and drops the σ before the final 0
 
     def __call__(self, denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                 callback: StepCallback | None = None, generator: torch.Generator | None = None,
+                 callback: StepCallback | None = None, seed: int | None = None,
                  **options: Any) -> torch.Tensor:
-        return self.function(denoiser, x, sigmas, callback=callback, generator=generator, **options)
+        return self.function(denoiser, x, sigmas, callback=callback, seed=seed, **options)
 
 
 # Order = ComfyUI's dropdown (its samplers that this engine implements, then plms).
@@ -78,8 +78,8 @@ class SamplerChoice:
         return SAMPLERS[self.name]
 
     def __call__(self, denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                 callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.entry(denoiser, x, sigmas, callback=callback, generator=generator, **dict(self.options))
+                 callback: StepCallback | None = None, seed: int | None = None) -> torch.Tensor:
+        return self.entry(denoiser, x, sigmas, callback=callback, seed=seed, **dict(self.options))
 
 
 def select_sampler(name: str, **options: Any) -> SamplerChoice:

@@ -1,15 +1,16 @@
 """The samplers: small pure functions that walk a σ schedule with a denoiser D(x, σ) → x̂0.
 
-Every sampler has one signature, `sample_<name>(denoiser, x, sigmas, *, callback, generator,
+Every sampler has one signature, `sample_<name>(denoiser, x, sigmas, *, callback, seed,
 **options) -> x`, with its options (eta, s_noise, …) as keyword defaults. x lives in the
 variance-exploding form x = x0 + σ·ε (Karras et al. 2022); "d" is the probability-flow ODE
 slope dx/dσ = (x − D(x, σ))/σ and λ = −log σ is the half log-SNR the DPM-Solvers step in.
 
-Randomness: every random draw comes from `generator`, a CPU torch.Generator. Ancestral
-samplers draw N(0, I) noise from it in sequence, as ComfyUI does from a CPU generator seeded
-with the noise seed; the SDE samplers (dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde) instead read
-increments of one Brownian path (torchsde's BrownianTree, entropy = the generator's seed), so
-their noise at a step does not depend on how many draws came before.
+Randomness: every random draw comes from `seed`, on the CPU (so a seed gives the same image
+on every device; None: torch's default seed, never the global RNG). Ancestral samplers draw
+N(0, I) noise in sequence from a CPU generator seeded with it, as ComfyUI does; the SDE
+samplers (dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde) instead read increments of one Brownian path
+(torchsde's BrownianTree, entropy = the seed), so their noise at a step does not depend on how
+many draws came before.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ NoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (σ, σ_next) 
 
 class Sampler(Protocol):
     def __call__(self, denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                 callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor: ...
+                 callback: StepCallback | None = None, seed: int | None = None) -> torch.Tensor: ...
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -45,9 +46,12 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
     return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
-def gaussian_noise(x: torch.Tensor, generator: torch.Generator | None) -> NoiseFn:
-    """Fresh N(0, I) draws shaped like x, in sequence from the CPU `generator` (then moved to x's device)."""
-    generator = _generator(generator)
+def gaussian_noise(x: torch.Tensor, seed: int | None) -> NoiseFn:
+    """Fresh N(0, I) draws shaped like x, in sequence from a CPU generator seeded with `seed` (then
+    moved to x's device)."""
+    generator = torch.Generator("cpu")
+    if seed is not None:
+        generator.manual_seed(int(seed))
 
     def draw(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         return torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
@@ -84,19 +88,9 @@ class BrownianNoise:
         return w.to(self.device, a.dtype) / (b - a).abs().sqrt()
 
 
-def _generator(generator: torch.Generator | None) -> torch.Generator:
-    """The generator to draw from; none given: a fresh CPU generator (torch's default seed), so a
-    sampler never touches global RNG state."""
-    if generator is None:
-        return torch.Generator("cpu")
-    if generator.device.type != "cpu":
-        raise ValueError("samplers draw noise from a CPU torch.Generator (same seed, same image on every "
-                         f"device); got one on {generator.device}")
-    return generator
-
-
-def brownian_noise(x: torch.Tensor, sigmas: torch.Tensor, generator: torch.Generator | None) -> NoiseFn:
-    return BrownianNoise(x, sigmas, _generator(generator).initial_seed())
+def brownian_noise(x: torch.Tensor, sigmas: torch.Tensor, seed: int | None) -> NoiseFn:
+    """`BrownianNoise` with entropy `seed` (None: torch's default seed, as `gaussian_noise`)."""
+    return BrownianNoise(x, sigmas, torch.Generator("cpu").initial_seed() if seed is None else int(seed))
 
 
 def _report(callback: StepCallback | None, i: int, x: torch.Tensor, sigma: torch.Tensor,
@@ -109,7 +103,7 @@ def _report(callback: StepCallback | None, i: int, x: torch.Tensor, sigma: torch
 
 @torch.no_grad()
 def sample_euler(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                 callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 callback: StepCallback | None = None, seed: int | None = None) -> torch.Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     ones = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -121,10 +115,10 @@ def sample_euler(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
 
 @torch.no_grad()
 def sample_euler_ancestral(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                           callback: StepCallback | None = None, generator: torch.Generator | None = None,
+                           callback: StepCallback | None = None, seed: int | None = None,
                            eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """Euler step down to σ_down, then s_noise·σ_up of fresh noise (see `ancestral_step`)."""
-    noise = gaussian_noise(x, generator)
+    noise = gaussian_noise(x, seed)
     ones = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * ones)
@@ -140,7 +134,7 @@ def sample_euler_ancestral(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.T
 
 @torch.no_grad()
 def sample_heun(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                callback: StepCallback | None = None, seed: int | None = None) -> torch.Tensor:
     """Heun's method (trapezoidal corrector, Karras et al. 2022 Algorithm 1); the last step to σ = 0 is Euler."""
     ones = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -168,7 +162,7 @@ def _dpm2_step(denoiser: DenoiseFn, x: torch.Tensor, sigma: torch.Tensor, sigma_
 
 @torch.no_grad()
 def sample_dpm_2(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                 callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 callback: StepCallback | None = None, seed: int | None = None) -> torch.Tensor:
     """Second-order midpoint steps in log σ (after DPM-Solver-2); the last step to σ = 0 is Euler."""
     ones = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
@@ -184,10 +178,10 @@ def sample_dpm_2(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                           callback: StepCallback | None = None, generator: torch.Generator | None = None,
+                           callback: StepCallback | None = None, seed: int | None = None,
                            eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """`sample_dpm_2` down to σ_down, then s_noise·σ_up of fresh noise."""
-    noise = gaussian_noise(x, generator)
+    noise = gaussian_noise(x, seed)
     ones = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * ones)
@@ -219,7 +213,7 @@ def lms_coefficients(sigmas: list[float], i: int, order: int) -> list[float]:
 
 @torch.no_grad()
 def sample_lms(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-               callback: StepCallback | None = None, generator: torch.Generator | None = None,
+               callback: StepCallback | None = None, seed: int | None = None,
                order: int = 4) -> torch.Tensor:
     """Linear multistep (Adams–Bashforth on the last `order` slopes, variable step); the last step
     to σ = 0 returns the denoised estimate."""
@@ -242,11 +236,11 @@ def sample_lms(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                              callback: StepCallback | None = None, generator: torch.Generator | None = None,
+                              callback: StepCallback | None = None, seed: int | None = None,
                               eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2S): a single-step second-order exponential integrator to σ_down through the
     midpoint in λ, x_next = (σ_down/σ)·x − expm1(−h)·D(x_mid, σ_mid); then ancestral noise."""
-    noise = gaussian_noise(x, generator)
+    noise = gaussian_noise(x, seed)
     ones = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * ones)
@@ -268,14 +262,14 @@ def sample_dpmpp_2s_ancestral(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torc
 
 @torch.no_grad()
 def sample_dpmpp_sde(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                     callback: StepCallback | None = None, generator: torch.Generator | None = None,
+                     callback: StepCallback | None = None, seed: int | None = None,
                      eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5) -> torch.Tensor:
     """DPM-Solver++ SDE (stochastic 2S): two ancestral exponential-integrator sub-steps, to
     λ_s + r·h and then to λ_t with the blend (1 − 1/2r)·D_s + (1/2r)·D_mid, noise from one
     Brownian path. The last step to σ = 0 returns the denoised estimate."""
     if len(sigmas) <= 1:
         return x
-    noise = brownian_noise(x, sigmas, generator)
+    noise = brownian_noise(x, sigmas, seed)
     ones = x.new_ones([x.shape[0]])
     fac = 1 / (2 * r)
     for i in range(len(sigmas) - 1):
@@ -305,7 +299,7 @@ def sample_dpmpp_sde(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor,
 
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                    callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                    callback: StepCallback | None = None, seed: int | None = None) -> torch.Tensor:
     """DPM-Solver++(2M): x_next = (σ_next/σ)·x − expm1(−h)·D̃ with D̃ = (1 + 1/2r)·D_i − (1/2r)·D_i−1,
     r = h_last/h (multistep second order); first order on the first step and the step to σ = 0."""
     ones = x.new_ones([x.shape[0]])
@@ -327,7 +321,7 @@ def sample_dpmpp_2m(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                        callback: StepCallback | None = None, generator: torch.Generator | None = None,
+                        callback: StepCallback | None = None, seed: int | None = None,
                         eta: float = 1.0, s_noise: float = 1.0, solver_type: str = "midpoint") -> torch.Tensor:
     """DPM-Solver++(2M) SDE: x_next = (σ_next/σ)·e^(−ηh)·x + (1 − e^(−(1+η)h))·D + correction from
     D − D_prev ("midpoint" or "heun"), + σ_next·sqrt(1 − e^(−2ηh))·s_noise·ΔW (Brownian)."""
@@ -335,7 +329,7 @@ def sample_dpmpp_2m_sde(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tens
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     if len(sigmas) <= 1:
         return x
-    noise = brownian_noise(x, sigmas, generator)
+    noise = brownian_noise(x, sigmas, seed)
     ones = x.new_ones([x.shape[0]])
     old_denoised, h, h_last = None, None, None
     for i in range(len(sigmas) - 1):
@@ -363,13 +357,13 @@ def sample_dpmpp_2m_sde(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tens
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                        callback: StepCallback | None = None, generator: torch.Generator | None = None,
+                        callback: StepCallback | None = None, seed: int | None = None,
                         eta: float = 1.0, s_noise: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(3M) SDE: the 2M SDE step plus a second divided difference of the last three
     denoised estimates (φ₂, φ₃ weights of the exponential integrator); lower order while history builds."""
     if len(sigmas) <= 1:
         return x
-    noise = brownian_noise(x, sigmas, generator)
+    noise = brownian_noise(x, sigmas, seed)
     ones = x.new_ones([x.shape[0]])
     denoised_1, denoised_2 = None, None
     h, h_1, h_2 = None, None, None
@@ -406,11 +400,11 @@ def sample_dpmpp_3m_sde(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tens
 
 @torch.no_grad()
 def sample_ddpm(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                callback: StepCallback | None = None, seed: int | None = None) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) between the schedule's levels: in the
     variance-preserving z = x/sqrt(1 + σ²) with ᾱ = 1/(1 + σ²) and α = ᾱ/ᾱ_next,
     z_next = (z − (1 − α)/sqrt(1 − ᾱ)·ε̂)/sqrt(α) + sqrt((1 − α)(1 − ᾱ_next)/(1 − ᾱ))·z_noise."""
-    noise = gaussian_noise(x, generator)
+    noise = gaussian_noise(x, seed)
     ones = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -430,9 +424,9 @@ def sample_ddpm(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
 
 @torch.no_grad()
 def sample_lcm(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-               callback: StepCallback | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               callback: StepCallback | None = None, seed: int | None = None) -> torch.Tensor:
     """Latent-consistency multistep sampling: jump to the denoised estimate, re-noise to σ_next."""
-    noise = gaussian_noise(x, generator)
+    noise = gaussian_noise(x, seed)
     ones = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * ones)
@@ -445,7 +439,7 @@ def sample_lcm(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
 
 @torch.no_grad()
 def sample_ddim(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                callback: StepCallback | None = None, generator: torch.Generator | None = None,
+                callback: StepCallback | None = None, seed: int | None = None,
                 eta: float = 0.0) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12). Its update
         z_next = sqrt(ᾱ_next)·x̂0 + sqrt(1 − ᾱ_next − s²)·ε̂ + s·z_noise,
@@ -454,7 +448,7 @@ def sample_ddim(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
     σ_up = s/sqrt(ᾱ_next) = η·sqrt(σ_next²(σ² − σ_next²)/σ²) (`ancestral_step`), written as
     x + ε̂·(σ_down − σ). η = 0 is deterministic and equals Euler step for step (ComfyUI's "ddim");
     η = 1 is the ancestral step of DDPM's posterior (same as euler_ancestral)."""
-    noise = gaussian_noise(x, generator) if eta > 0 else None
+    noise = gaussian_noise(x, seed) if eta > 0 else None
     ones = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i] * ones)
@@ -489,7 +483,7 @@ def plms_order(sigma: float, sigma_next: float, known: int) -> int:
 
 @torch.no_grad()
 def sample_plms(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                callback: StepCallback | None = None, generator: torch.Generator | None = None,
+                callback: StepCallback | None = None, seed: int | None = None,
                 stable_order: bool = True) -> torch.Tensor:
     """PLMS, the pseudo linear multistep sampler of the LDM paper (Liu et al. 2022, PNDM).
 
@@ -588,7 +582,7 @@ def _unipc_update(data_pred: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
 
 @torch.no_grad()
 def sample_uni_pc(denoiser: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
-                  callback: StepCallback | None = None, generator: torch.Generator | None = None,
+                  callback: StepCallback | None = None, seed: int | None = None,
                   variant: str = "bh1") -> torch.Tensor:
     """UniPC multistep, order min(3, steps − 1), lower order on the first and final steps, the
     corrector on every step but the last, run on z = x/sqrt(1 + σ²). As in ComfyUI the final

@@ -60,7 +60,7 @@ TOLERANCE = {"uni_pc": 1e-5, "uni_pc_bh2": 1e-5}
 def test_matches_comfyui(name, schedule):
     toy = Toy()
     x, sigmas = REF[f"x/{schedule}"], REF[f"sigmas/{schedule}"]
-    out = SAMPLERS[name](toy, x.clone(), sigmas.clone(), generator=_seeded())
+    out = SAMPLERS[name](toy, x.clone(), sigmas.clone(), seed=SEED)
     want = REF[f"out/{schedule}/{name}"]
     err = float((out - want).abs().max())
     assert err <= TOLERANCE.get(name, 5e-6), err
@@ -70,8 +70,8 @@ def test_matches_comfyui(name, schedule):
 def test_ddim_eta0_is_euler_and_eta1_is_euler_ancestral():
     x, sigmas = REF["x/normal8"], REF["sigmas/normal8"]
     assert torch.equal(sample_ddim(Toy(), x, sigmas), sample_euler(Toy(), x, sigmas))
-    a = sample_ddim(Toy(), x, sigmas, eta=1.0, generator=_seeded(5))
-    b = sample_euler_ancestral(Toy(), x, sigmas, generator=_seeded(5))
+    a = sample_ddim(Toy(), x, sigmas, eta=1.0, seed=5)
+    b = sample_euler_ancestral(Toy(), x, sigmas, seed=5)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -153,7 +153,7 @@ def test_ddim_with_eta_matches_diffusers_ddim_noise_included():
     from diffusers import DDIMScheduler
 
     sigmas, x, want = _diffusers_run(DDIMScheduler(clip_sample=False, **SD_BETAS), 8, 11, {"eta": 0.5})
-    out = sample_ddim(Toy(), x, sigmas, eta=0.5, generator=_seeded(11))  # same CPU noise stream as diffusers
+    out = sample_ddim(Toy(), x, sigmas, eta=0.5, seed=11)  # same CPU noise stream as diffusers
     err = float((out - want).abs().max())
     assert err < 2e-5, err  # measured 5.4e-7
 
@@ -236,7 +236,7 @@ def test_stochastic_samplers_end_in_the_data_distribution(name):
     sigmas = torch.cat([_ode_schedule(40, 0.03, 14.6).float(), torch.zeros(1)])
     x_t = mu + torch.randn(500, 3, 2, 2, generator=_seeded(9)) * (s**2 + sigmas[0] ** 2).sqrt()
     sampler = partial(sample_ddim, eta=1.0) if name == "ddim_eta1" else SAMPLERS[name]
-    out = sampler(Toy(mu, s, 0.0), x_t, sigmas, generator=_seeded(10))
+    out = sampler(Toy(mu, s, 0.0), x_t, sigmas, seed=10)
     mean, std = out.mean(dim=(0, 2, 3)), out.std(dim=(0, 2, 3))
     # standard error: mean ≈ 0.022·s, std ≈ 1.6 %; second-order samplers at 40 steps are within ~2 % of s
     torch.testing.assert_close(mean, mu.flatten(), atol=0.07, rtol=0)
@@ -246,18 +246,18 @@ def test_stochastic_samplers_end_in_the_data_distribution(name):
 @pytest.mark.parametrize("name", STOCHASTIC)
 def test_same_seed_same_result_other_seed_other_result(name):
     x, sigmas = REF["x/karras12"], REF["sigmas/karras12"]
-    a = SAMPLERS[name](Toy(), x, sigmas, generator=_seeded(1))
-    b = SAMPLERS[name](Toy(), x, sigmas, generator=_seeded(1))
-    c = SAMPLERS[name](Toy(), x, sigmas, generator=_seeded(2))
+    a = SAMPLERS[name](Toy(), x, sigmas, seed=1)
+    b = SAMPLERS[name](Toy(), x, sigmas, seed=1)
+    c = SAMPLERS[name](Toy(), x, sigmas, seed=2)
     assert torch.equal(a, b)
     assert float((a - c).abs().max()) > 1e-2
 
 
 @pytest.mark.parametrize("name", DETERMINISTIC)
-def test_deterministic_samplers_ignore_the_generator(name):
+def test_deterministic_samplers_ignore_the_seed(name):
     x, sigmas = REF["x/karras12"], REF["sigmas/karras12"]
-    assert torch.equal(SAMPLERS[name](Toy(), x, sigmas, generator=_seeded(1)),
-                       SAMPLERS[name](Toy(), x, sigmas, generator=_seeded(2)))
+    assert torch.equal(SAMPLERS[name](Toy(), x, sigmas, seed=1),
+                       SAMPLERS[name](Toy(), x, sigmas, seed=2))
 
 
 def test_ancestral_noise_is_the_seeded_cpu_stream():
@@ -265,7 +265,7 @@ def test_ancestral_noise_is_the_seeded_cpu_stream():
     # first randn of a CPU generator seeded with the seed (ComfyUI's default_noise_sampler on CPU).
     x = torch.randn(1, 3, 2, 2, generator=_seeded(4))
     sigmas = torch.tensor([2.0, 1.0])
-    out = sample_euler_ancestral(Toy(), x, sigmas, generator=_seeded(77))
+    out = sample_euler_ancestral(Toy(), x, sigmas, seed=77)
     sigma_up = math.sqrt(1.0 * (4.0 - 1.0) / 4.0)
     sigma_down = math.sqrt(1.0 - sigma_up**2)
     d = (x - Toy()(x, torch.tensor([2.0]))) / 2.0
@@ -289,7 +289,7 @@ def test_brownian_increments_are_consistent_and_unit_variance():
 def test_callback_reports_every_step(name):
     seen = []
     x, sigmas = REF["x/normal8"], REF["sigmas/normal8"]
-    SAMPLERS[name](Toy(), x, sigmas, callback=seen.append, generator=_seeded())
+    SAMPLERS[name](Toy(), x, sigmas, callback=seen.append, seed=SEED)
     assert [c["i"] for c in seen] == list(range(len(sigmas) - 1))
     for c in seen:
         assert set(c) == {"i", "x", "sigma", "denoised", "total"} and c["total"] == len(sigmas) - 1
@@ -308,7 +308,7 @@ def test_short_schedules():
     x = REF["x/normal8"]
     for name, sampler in SAMPLERS.items():
         assert torch.equal(sampler(Toy(), x, torch.tensor([3.0])), x), name  # nothing to do
-        one = sampler(Toy(), x, torch.tensor([3.0, 0.0]), generator=_seeded())
+        one = sampler(Toy(), x, torch.tensor([3.0, 0.0]), seed=SEED)
         assert torch.isfinite(one).all() and float((one - x).abs().max()) > 0.1, name  # one step denoises
 
 
@@ -319,7 +319,7 @@ def test_sampler_choice_carries_options_and_is_hashable():
     assert choice == SamplerChoice("euler_ancestral", (("eta", 0.0),)) and hash(choice) == hash(select_sampler(
         "euler_ancestral", eta=0.0))
     x, sigmas = REF["x/normal8"], REF["sigmas/normal8"]
-    torch.testing.assert_close(choice(Toy(), x, sigmas, generator=_seeded()), sample_euler(Toy(), x, sigmas),
+    torch.testing.assert_close(choice(Toy(), x, sigmas, seed=SEED), sample_euler(Toy(), x, sigmas),
                                atol=1e-5, rtol=0)  # η = 0: no noise, the Euler ODE step
     with pytest.raises(ValueError, match="unknown sampler 'dpm_fast'; available: euler"):
         select_sampler("dpm_fast")

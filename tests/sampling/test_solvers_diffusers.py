@@ -97,7 +97,7 @@ def diffusers_loop(scheduler, unet, context: torch.Tensor, latents: torch.Tensor
 
 
 def ours(name: str, guider, x: torch.Tensor, sigmas: torch.Tensor, seed: int, **options) -> torch.Tensor:
-    return SAMPLERS[name](guider, x.clone(), sigmas.float(), generator=torch.Generator().manual_seed(seed), **options)
+    return SAMPLERS[name](guider, x.clone(), sigmas.float(), seed=seed, **options)
 
 
 def assert_close(ours_out: torch.Tensor, ref_out: torch.Tensor, what: str) -> float:
