@@ -194,15 +194,20 @@ def test_core_table_keeps_comfyui_input_order():
     assert reg["LDMKSampler"].input("model").type == "LDM_MODEL"
 
 
+def _pack_copy(tmp_path: Path) -> Path:
+    pack = tmp_path / "custom_nodes" / "ldm-pack-under-test"
+    pack.parent.mkdir()
+    shutil.copytree(ROOT, pack, ignore=shutil.ignore_patterns(".git", ".venv", ".ci-venv", "__pycache__", "output",
+                                                              ".pytest_cache", ".hypothesis", "*.egg-info"))
+    return pack
+
+
 def test_pack_loads_like_comfyui_loads_it(tmp_path):
     """Imported as a package from a folder whose name has dashes, while a foreign top-level
     `nodes` module (ComfyUI's) is already imported: nothing shadowed, sys.path untouched, the
     engine and the nodes mounted under their one names from the pack's own folder, every node
     registered."""
-    pack = tmp_path / "custom_nodes" / "ldm-pack-under-test"
-    pack.parent.mkdir()
-    shutil.copytree(ROOT, pack, ignore=shutil.ignore_patterns(".git", ".venv", ".ci-venv", "__pycache__", "output",
-                                                              ".pytest_cache", ".hypothesis", "*.egg-info"))
+    pack = _pack_copy(tmp_path)
     script = textwrap.dedent(f"""
         import importlib.util, sys, types
         foreign = types.ModuleType("nodes"); foreign.MARK = "comfy"; sys.modules["nodes"] = foreign
@@ -225,6 +230,24 @@ def test_pack_loads_like_comfyui_loads_it(tmp_path):
     """)
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_a_second_copy_of_the_engine_is_refused_by_name(tmp_path):
+    """With another `ldm_core` already imported (an installed copy, another pack folder), the pack
+    registers nothing and says which two copies collide, instead of mixing their modules."""
+    pack = _pack_copy(tmp_path)
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        import ldm_core  # the installed copy, from this checkout
+        spec = importlib.util.spec_from_file_location("ldm-pack-under-test", {str(pack / "__init__.py")!r},
+                                                      submodule_search_locations=[{str(pack)!r}])
+        mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
+        assert mod.NODE_CLASS_MAPPINGS == {{}}
+    """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "another copy of ldm_core is already imported from" in res.stderr, res.stderr[-3000:]
+    assert str(pack / "ldm_core") in res.stderr
 
 
 def test_symlinked_model_files_load_but_names_cannot_climb_out(dirs, tmp_path):
