@@ -55,9 +55,13 @@ class Precision:
     vae: torch.dtype = torch.float32
 
 
+WEIGHT_DTYPES = ("auto", *DTYPES)  # how weights are stored; "auto": as in the file (never wider than computed)
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
-        return name
+    """"fp32" / "fp16" / "bf16" → the torch dtype; None and "auto" → None (the default)."""
+    if name is None or name == "auto" or isinstance(name, torch.dtype):
+        return None if name == "auto" else name
     if name not in DTYPES:
         raise DeviceError(f"unknown precision {name!r}; use one of {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -15,7 +15,7 @@ import torch
 from ldm_core.checkpoints import weights_file as ckpt
 from ldm_core.checkpoints.model_family import detect_config, detect_text_encoder, detect_unet, detect_vae, text_prefixes
 from ldm_core.checkpoints.weights_file import read_weights, split_components
-from ldm_core.device import Precision, pick_device, pick_precision
+from ldm_core.device import Precision, parse_dtype, pick_device, pick_precision
 from ldm_core.errors import StateDictMismatchError, UnsupportedModelError, WrongComponentError
 from ldm_core.imaging.preview import LatentPreviewer, VAEPreview
 from ldm_core.loading.model import VAE, Checkpoint, DiffusionModel, TextEncoder
@@ -24,6 +24,7 @@ from ldm_core.networks.clip_text import ClipTextEncoder, TextEncoderSet
 from ldm_core.networks.config import ModelConfig, TextEncoderConfig
 from ldm_core.networks.presets import CLIP_G, CLIP_H, CLIP_L, PRESETS
 from ldm_core.networks.unet import UNetModel
+from ldm_core.networks.weight_cast import compute_in, storage_dtype
 from ldm_core.text.tokenizer import ClipTokenizer
 
 
@@ -31,15 +32,25 @@ def _place(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return module.eval().requires_grad_(False).to(device)
 
 
+def _build(build: Any, what: str, config: Any, sd: dict[str, torch.Tensor], compute: torch.dtype,
+           weight_dtype: torch.dtype | None) -> torch.nn.Module:
+    """`build(config, sd, storage dtype)`, computing in `compute` (weight_cast.py): weights stay in
+    the file's dtype unless `weight_dtype` forces one."""
+    module = _wrap(build, what, config, sd, storage_dtype(sd, compute, weight_dtype))
+    return compute_in(module, compute)
+
+
 def _build_text_encoder(config: ModelConfig, comps: ckpt.Components, device: torch.device,
-                        dtype: torch.dtype, tokenizer: ClipTokenizer | None) -> TextEncoder | None:
+                        dtype: torch.dtype, tokenizer: ClipTokenizer | None,
+                        weight_dtype: torch.dtype | None) -> TextEncoder | None:
     prefixes = text_prefixes(config)
     if not all(p in comps.text_encoders for p in prefixes):
         return None
     encoders = []
     for prefix, te_config in zip(prefixes, config.text_encoders):
         what = f"text encoder {te_config.name} ({prefix}*)"
-        encoders.append(_place(_wrap(ClipTextEncoder.from_state_dict, what, te_config, comps.text_encoders[prefix], dtype), device))
+        encoders.append(_place(_build(ClipTextEncoder.from_state_dict, what, te_config, comps.text_encoders[prefix],
+                                      dtype, weight_dtype), device))
     return TextEncoder(TextEncoderSet(encoders), tokenizer or ClipTokenizer(), device, dtype)
 
 
@@ -53,14 +64,17 @@ def _wrap(build: Any, what: str, *args: Any) -> Any:
 def load_checkpoint(
     path: str | os.PathLike, *, device: str | torch.device | None = None, precision: Precision | None = None,
     prediction: str | None = None, config: ModelConfig | None = None, tokenizer: ClipTokenizer | None = None,
+    weight_dtype: str | torch.dtype | None = None,
 ) -> Checkpoint:
     """Load a single-file checkpoint (SD1.x/2.x/XL, inpainting, or one carrying its config).
 
     `prediction` ("eps"/"v") overrides what the file says; `config` skips detection.
     The text encoder or VAE is None when the file lacks it (some checkpoints ship the
     UNet alone); a file that is only a VAE or only a text encoder is refused with a
-    WrongComponentError that says which loader to use.
+    WrongComponentError that says which loader to use. `weight_dtype` ("auto"/None, "fp32", "fp16",
+    "bf16") is how the weights are kept in memory; each part computes in its `precision` dtype.
     """
+    weights = parse_dtype(weight_dtype)
     wf = read_weights(path)
     if config is None:
         config = detect_config(wf.tensors, wf.metadata, prediction=prediction)
@@ -69,12 +83,12 @@ def load_checkpoint(
     dev = pick_device(device)
     prec = precision or pick_precision(dev)
     comps = split_components(wf.tensors)
-    unet = _wrap(UNetModel.from_state_dict, f"{Path(path).name}: UNet", config.unet, comps.unet, prec.unet)
+    unet = _build(UNetModel.from_state_dict, f"{Path(path).name}: UNet", config.unet, comps.unet, prec.unet, weights)
     model = DiffusionModel(_place(unet, dev), config, dev, prec.unet)
-    text = _build_text_encoder(config, comps, dev, prec.text, tokenizer)
+    text = _build_text_encoder(config, comps, dev, prec.text, tokenizer, weights)
     vae = None
     if comps.vae:
-        v = _wrap(AutoencoderKL.from_state_dict, f"{Path(path).name}: VAE", config.vae, comps.vae, prec.vae)
+        v = _build(AutoencoderKL.from_state_dict, f"{Path(path).name}: VAE", config.vae, comps.vae, prec.vae, weights)
         vae = VAE(_place(v, dev), config.vae, dev, prec.vae)
     model.preview = LatentPreviewer.channels(model.latent_channels) if vae is None else VAEPreview(
         vae, config.latent_scale)
@@ -101,7 +115,7 @@ def load_layout_encoder(path: str | os.PathLike, *, device: str | torch.device |
 
 
 def load_vae(path: str | os.PathLike, *, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None) -> VAE:
+             dtype: torch.dtype | None = None, weight_dtype: str | torch.dtype | None = None) -> VAE:
     """A standalone VAE file (keys `encoder.*`/`decoder.*`) or the VAE inside a full checkpoint."""
     wf = read_weights(path)
     comps = split_components(wf.tensors)
@@ -113,13 +127,15 @@ def load_vae(path: str | os.PathLike, *, device: str | torch.device | None = Non
     dev = pick_device(device)
     dtype = dtype or pick_precision(dev).vae
     config = detect_vae(comps.vae)
-    vae = _wrap(AutoencoderKL.from_state_dict, f"{Path(path).name}: VAE", config, comps.vae, dtype)
+    vae = _build(AutoencoderKL.from_state_dict, f"{Path(path).name}: VAE", config, comps.vae, dtype,
+                 parse_dtype(weight_dtype))
     return VAE(_place(vae, dev), config, dev, dtype)
 
 
 def load_diffusion_model(path: str | os.PathLike, *, family: str | None = None,
                          device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                         prediction: str | None = None) -> DiffusionModel:
+                         prediction: str | None = None, weight_dtype: str | torch.dtype | None = None,
+                         ) -> DiffusionModel:
     """A UNet-only file (keys with or without `model.diffusion_model.`)."""
     wf = read_weights(path)
     sd = split_components(wf.tensors).unet or {k: v for k, v in wf.tensors.items() if k.startswith(
@@ -133,7 +149,8 @@ def load_diffusion_model(path: str | os.PathLike, *, family: str | None = None,
         config = config.replace(prediction=prediction)
     dev = pick_device(device)
     dtype = dtype or pick_precision(dev).unet
-    unet = _wrap(UNetModel.from_state_dict, f"{Path(path).name}: UNet", unet_config, sd, dtype)
+    unet = _build(UNetModel.from_state_dict, f"{Path(path).name}: UNet", unet_config, sd, dtype,
+                  parse_dtype(weight_dtype))
     model = DiffusionModel(_place(unet, dev), config, dev, dtype)
     model.preview = LatentPreviewer.channels(model.latent_channels)  # no VAE known: structure only
     return model
@@ -154,7 +171,8 @@ def _family_for_unet(unet: Any, family: str | None) -> str:
 
 
 def load_text_encoder(paths: list[str | os.PathLike] | str | os.PathLike, *, device: str | torch.device | None = None,
-                      dtype: torch.dtype | None = None, tokenizer: ClipTokenizer | None = None) -> TextEncoder:
+                      dtype: torch.dtype | None = None, tokenizer: ClipTokenizer | None = None,
+                      weight_dtype: str | torch.dtype | None = None) -> TextEncoder:
     """Standalone CLIP text-encoder files: one (CLIP-L / ViT-H / bigG) or two (SDXL: CLIP-L + bigG)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -167,7 +185,8 @@ def load_text_encoder(paths: list[str | os.PathLike] | str | os.PathLike, *, dev
         sd = next(iter(comps.text_encoders.values())) if len(comps.text_encoders) == 1 else wf.tensors
         base = _text_base(sd, len(paths))
         config = detect_text_encoder(sd, base)
-        encoders.append(_place(_wrap(ClipTextEncoder.from_state_dict, f"{Path(p).name}: text encoder", config, sd, dtype), dev))
+        encoders.append(_place(_build(ClipTextEncoder.from_state_dict, f"{Path(p).name}: text encoder", config, sd,
+                                      dtype, parse_dtype(weight_dtype)), dev))
     return TextEncoder(TextEncoderSet(encoders), tokenizer or ClipTokenizer(), dev, dtype)
 
 

@@ -23,6 +23,7 @@ from ldm_core.networks.autoencoder_kl import AutoencoderKL
 from ldm_core.networks.clip_text import FROM_CONFIG, TextEncoderSet
 from ldm_core.networks.config import ModelConfig, TextEncoderConfig, VAEConfig
 from ldm_core.networks.unet import UNetModel
+from ldm_core.networks.weight_cast import computing_in
 from ldm_core.sampling.denoiser import Denoiser
 from ldm_core.sampling.schedule import DiscreteSchedule
 from ldm_core.text.prompt_syntax import tokenize_with_weights
@@ -283,11 +284,8 @@ class VAE:
         if self.dtype != torch.float32 and not torch.isfinite(x).all():
             # fp16 overflow in the SD decoder gives NaN (black images): redo in fp32.
             log.warning("VAE decode in %s produced non-finite values; retrying in fp32", self.dtype)
-            self.model.float()
-            try:
+            with computing_in(self.model, torch.float32, restore=self.dtype):
                 x = run(latent.to(self.device, torch.float32))
-            finally:
-                self.model.to(self.dtype)
         return x
 
 

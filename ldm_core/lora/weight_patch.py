@@ -13,7 +13,8 @@ kernel is U ∘ M ∘ D. Also applied, because each is one line of math: full di
 (ΔW = (α/r)·W1 ⊗ W2, either factor possibly a product of two). Anything else a file holds
 (DoRA scales, Tucker cores, "set" weights) is reported as not applied, never dropped silently.
 Several patches on one weight add up in float32 in the order they were loaded, and the sum
-is cast to the weight's dtype once.
+is cast once to the dtype the layer computes in (its weight's, or wider for weights kept in
+a narrower storage dtype: networks/weight_cast.py).
 
 Design: the graph runtime caches node outputs, so the model a checkpoint loader returned must
 never change. `apply_lora` therefore returns *new* `DiffusionModel` / `TextEncoder` values
@@ -262,22 +263,26 @@ class WeightPatch:
     source: str = ""  # the LoRA file it came from, for messages
 
 
-def merged_weight(weight: Tensor, patches: Sequence[WeightPatch]) -> Tensor:
-    """W + Σ sᵢ·ΔWᵢ, summed in float32 in order, cast back to W's dtype. W itself is not touched."""
+def merged_weight(weight: Tensor, patches: Sequence[WeightPatch], dtype: torch.dtype | None = None) -> Tensor:
+    """W + Σ sᵢ·ΔWᵢ, summed in float32 in order, cast to `dtype` (default W's). W itself is not touched."""
     out = weight.to(torch.float32, copy=True)
     for p in patches:
         out.add_(p.adapter.delta(weight.shape, weight.device), alpha=p.strength)
-    return out.to(weight.dtype)
+    return out.to(dtype or weight.dtype)
 
 
-def _slot(module: nn.Module, key: str) -> tuple[dict[str, Any], str]:
+def _owner(module: nn.Module, key: str) -> tuple[nn.Module, dict[str, Any], str]:
     path, _, name = key.rpartition(".")
     owner = module.get_submodule(path) if path else module
     if name in owner._parameters:
-        return owner._parameters, name
+        return owner, owner._parameters, name
     if name in owner._buffers:
-        return owner._buffers, name
+        return owner, owner._buffers, name
     raise KeyError(f"{key} is not a parameter or buffer of {type(module).__name__}")
+
+
+def _slot(module: nn.Module, key: str) -> tuple[dict[str, Any], str]:
+    return _owner(module, key)[1:]
 
 
 def merged_weights(module: nn.Module, patches: Sequence[WeightPatch]) -> dict[str, Tensor]:
@@ -287,8 +292,10 @@ def merged_weights(module: nn.Module, patches: Sequence[WeightPatch]) -> dict[st
         by_key.setdefault(p.key, []).append(p)
     out = {}
     for key, group in by_key.items():
-        table, name = _slot(module, key)
-        out[key] = merged_weight(table[name], group)
+        owner, table, name = _owner(module, key)
+        # A layer computing in a wider dtype than its weights are stored in (weight_cast.py) gets
+        # its merged weight in that dtype: what the same model converted at load would hold.
+        out[key] = merged_weight(table[name], group, getattr(owner, "compute_dtype", None))
     return out
 
 

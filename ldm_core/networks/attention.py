@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_core.networks.weight_cast import weight_for
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention of `x` over `context` (over `x` itself when context is None).
@@ -112,8 +114,8 @@ def _channel_map(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     A 1x1 convolution is the same linear map over channels, so both kinds of
     checkpoint run the same code on the token layout.
     """
-    weight = layer.weight if isinstance(layer, nn.Linear) else layer.weight.flatten(1)
-    return F.linear(tokens, weight, layer.bias)
+    weight, bias = weight_for(layer, tokens)
+    return F.linear(tokens, weight if weight.ndim == 2 else weight.flatten(1), bias)
 
 
 class SpatialTransformer(nn.Module):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ldm_core.errors import DeviceError
 from ldm_core.networks.config import VAEConfig
 from ldm_core.networks.strict_load import load_strict
+from ldm_core.networks.weight_cast import weight_for
 
 _ATTN_WEIGHTS = ("q.weight", "k.weight", "v.weight", "proj_out.weight")
 
@@ -70,12 +71,18 @@ class AttnBlock(nn.Module):
         b, c, height, width = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         # A 1x1 conv is a linear map on tokens; [B, 1, HW, C] is one head of width C.
-        q, k, v = (F.linear(tokens, m.weight.flatten(1), m.bias)[:, None] for m in (self.q, self.k, self.v))
+        q, k, v = (_token_map(m, tokens)[:, None] for m in (self.q, self.k, self.v))
         del tokens
         h = F.scaled_dot_product_attention(q, k, v)  # scale C**-0.5, as the original
         del q, k, v
-        h = F.linear(h[:, 0], self.proj_out.weight.flatten(1), self.proj_out.bias)
+        h = _token_map(self.proj_out, h[:, 0])
         return h.transpose(1, 2).reshape(b, c, height, width).add_(x)
+
+
+def _token_map(conv: nn.Conv2d, tokens: Tensor) -> Tensor:
+    """A 1x1 convolution applied to tokens [B, L, C] as the linear map it is."""
+    weight, bias = weight_for(conv, tokens)
+    return F.linear(tokens, weight.flatten(1), bias)
 
 
 class Downsample(nn.Module):

@@ -29,6 +29,7 @@ from ldm_core.errors import ConfigError, LdmError, PromptError, StateDictMismatc
 from ldm_core.networks import clip_keys
 from ldm_core.networks.config import TextEncoderConfig
 from ldm_core.networks.strict_load import load_strict
+from ldm_core.networks.weight_cast import compute_dtype
 
 START_TOKEN = 49406  # <|startoftext|> of every CLIP BPE vocabulary SD uses
 END_TOKEN = 49407  # <|endoftext|>
@@ -151,7 +152,8 @@ class ClipTextEncoder(nn.Module):
         if length > self.config.max_positions:
             limit = self.config.max_positions
             raise PromptError(f"{length} tokens in one chunk; {self.config.name} takes at most {limit}")
-        x = embeds.to(tm.final_layer_norm.weight.dtype) + tm.embeddings.position_embedding.weight[:length]
+        x = embeds.to(compute_dtype(tm.final_layer_norm))
+        x = x + tm.embeddings.position_embedding.weight[:length].to(x.dtype)
         # Additive causal mask, as transformers and ComfyUI build it (works for eager and SDPA).
         causal = torch.full((length, length), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu_(1)
         keep = resolve_layer(self.config.num_layers, layer_idx)  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ from ldm_core.errors import ConfigError
 from ldm_core.networks.attention import SpatialTransformer
 from ldm_core.networks.config import UNetConfig
 from ldm_core.networks.strict_load import load_strict
+from ldm_core.networks.weight_cast import compute_dtype, weight_for
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -79,10 +80,13 @@ class Conv2d(nn.Conv2d):
     over a few hundred pixels that costs as much as the convolution itself. There
     the input is unfolded into 3x3 patches and multiplied with the weight, whose
     ordinary storage already is the [C_out, C_in * 3 * 3] matrix (same sums, in
-    another order).
+    another order). Weights stored in another dtype than x's are cast when used (weight_cast.py).
     """
 
+    casts_weights = True  # weight_cast.compute_in leaves its weights in their stored dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = weight_for(self, x)
         if (
             x.device.type == "cpu" and self.kernel_size == (3, 3) and self.padding == (1, 1)
             and self.dilation == (1, 1) and self.groups == 1 and self.weight.numel() >= LARGE_WEIGHT
@@ -91,11 +95,11 @@ class Conv2d(nn.Conv2d):
             if x.shape[0] * h_out * w_out <= SMALL_MAP_POSITIONS:
                 patches = F.unfold(x, 3, padding=1, stride=self.stride)  # [B, C_in * 9, H_out * W_out]
                 # per sample [C_out, K] @ [K, H_out * W_out]: lands in NCHW order, no transposes
-                out = torch.bmm(self.weight.flatten(1).expand(x.shape[0], -1, -1), patches)
-                if self.bias is not None:
-                    out += self.bias[:, None]
+                out = torch.bmm(weight.flatten(1).expand(x.shape[0], -1, -1), patches)
+                if bias is not None:
+                    out += bias[:, None]
                 return out.view(x.shape[0], -1, h_out, w_out)
-        return super().forward(x)
+        return self._conv_forward(x, weight, bias)
 
 
 class ResBlock(nn.Module):
@@ -177,8 +181,9 @@ class Upsample(nn.Module):
             return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
         if x.device.type != "cpu" or self.conv.weight.numel() >= LARGE_WEIGHT:
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        bias = None if self.conv.bias is None else self.conv.bias.repeat(4)
-        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), _phase_kernels(self.conv.weight), bias)
+        weight, bias = weight_for(self.conv, x)
+        bias = None if bias is None else bias.repeat(4)
+        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), _phase_kernels(weight), bias)
         phases = phases.view(b, 2, 2, -1, h + 1, w + 1)  # [B, a, b, C, H+1, W+1]; phase (a, b) at offset (a, b)
         out = x.new_empty(b, phases.shape[3], h, 2, w, 2)
         for row in range(2):
@@ -323,7 +328,7 @@ class UNetModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.time_embed[0].weight.dtype
+        return compute_dtype(self.time_embed[0])
 
     def _embedding(self, timesteps: torch.Tensor, y: torch.Tensor | None, batch: int) -> torch.Tensor:
         if timesteps.ndim == 0:

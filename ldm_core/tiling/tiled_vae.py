@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ldm_core.errors import LdmError
 from ldm_core.networks.autoencoder_kl import AutoencoderKL, DiagonalGaussian, ResnetBlock
+from ldm_core.networks.weight_cast import compute_dtype, model_compute_dtype, weight_for
 from ldm_core.tiling.parking import DiskMap
 from ldm_core.tiling.tile_grid import GroupStats, grid
 
@@ -251,7 +252,7 @@ def _stage(src: Tensor, out: Tensor, conv: nn.Conv2d, tile: int, device: torch.d
     it): a tile reads its residual before writing the same pixels, and no other tile
     reads them. Each written tile is folded into `out_stats`.
     """
-    weight, bias = conv.weight, conv.bias
+    weight, bias = weight_for(conv, torch.empty(0, dtype=compute_dtype(conv)))
     affine = norm[1].affine(norm[0], weight) if norm is not None else None
     height, width = src.shape[-2:]
     for y0, y1, x0, x1 in grid(out.shape[-2], out.shape[-1], tile):
@@ -271,8 +272,8 @@ def _stage(src: Tensor, out: Tensor, conv: nn.Conv2d, tile: int, device: torch.d
         del x
         if residual is not None:
             r = residual[:, :, y0:y1, x0:x1].to(device=device, dtype=y.dtype)
-            y.add_(r if shortcut is None else F.conv2d(r.contiguous(memory_format=CHANNELS_LAST), shortcut.weight,
-                                                       shortcut.bias))
+            y.add_(r if shortcut is None else F.conv2d(r.contiguous(memory_format=CHANNELS_LAST),
+                                                       *weight_for(shortcut, y)))
             del r
         if out_stats is not None:
             out_stats.add(y)
@@ -324,7 +325,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
+    return model_compute_dtype(model)
 
 
 def _full_res_map_bytes(model: AutoencoderKL, height: int, width: int, widest: bool = True) -> int:
@@ -522,7 +523,7 @@ def _encode_one_fast(model: AutoencoderKL, x: Tensor, tile: int) -> Tensor:
     device, dtype, f = _device_of(model), _dtype_of(model), cfg.downsample_factor
     with _recording(_norms(*enc.down)) as seen:
         _down_path(model, _mosaic(x, ESTIMATE_SIDE["encode"], f).to(device, dtype), None)
-    affines = _affines(seen, next(model.parameters()))
+    affines = _affines(seen, torch.empty(0, dtype=dtype, device=device))
     halo = encoder_halo(model)
     height, width = x.shape[-2:]
     width_mid = enc.mid.block_1.conv1.in_channels
