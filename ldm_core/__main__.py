@@ -25,7 +25,9 @@ def _synth(args: argparse.Namespace) -> int:
     cfg = PRESETS[args.family]
     if args.narrow:
         cfg = shrink(cfg)
-    path = save_checkpoint(cfg, args.out, seed=args.seed)
+    from ldm_core.device import parse_dtype
+
+    path = save_checkpoint(cfg, args.out, seed=args.seed, dtype=parse_dtype(args.dtype))
     print(f"wrote {path} ({cfg.family}, random weights)")
     return 0
 
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     syn.add_argument("out")
     syn.add_argument("--narrow", action="store_true", help="same layout, narrow widths (fast)")
     syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                     help="the tensors' dtype in the file (released SD/SDXL files are fp16)")
     syn.set_defaults(func=_synth)
     t2i = sub.add_parser("txt2img", help="prompt → PNG (Euler, normal schedule, CFG)")
     t2i.add_argument("checkpoint")
