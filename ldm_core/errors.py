@@ -44,3 +44,8 @@ class PromptError(LdmError, ValueError):
 
 class DeviceError(LdmError):
     """A requested device or precision is not available here."""
+
+
+class MemoryBudgetError(LdmError, MemoryError):
+    """An allocation would not fit in the memory there is: says what it needed, what was free and
+    what to do (keep weights in the file's dtype, a smaller batch, tiled decoding)."""

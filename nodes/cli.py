@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ldm_core import graph
+from ldm_core.device import WEIGHT_DTYPES
+from ldm_core.loading import footprint
 
 from .context import NodeContext
 from .registry import headless_registry
@@ -83,6 +85,14 @@ def _ui_workflow(path: str) -> dict | None:
     return data if isinstance(data, dict) and "nodes" in data and "links" in data else None
 
 
+def _ram_budget(text: str) -> int | None:
+    """Bytes the output cache may keep: an explicit size, or half the RAM available now (None if unknown)."""
+    if text != "auto":
+        return footprint.parse_bytes(text)
+    free = footprint.available_ram()
+    return None if free is None else free // 2
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ldm-run", description=__doc__)
     p.add_argument("workflow", help="workflow .json (API or editor format) or a .png that carries one")
@@ -92,21 +102,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-dir", default="input")
     p.add_argument("--output-dir", default="output")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"])
+    p.add_argument("--weight-dtype", choices=WEIGHT_DTYPES, default="auto",
+                   help="how loaders keep weights in memory: auto = as in the file (an fp16 file stays fp16, "
+                        "computed in fp32 on the CPU), or fp32 / fp16 / bf16")
+    p.add_argument("--ram-budget", default="auto", metavar="SIZE",
+                   help="most bytes of node outputs (models included) kept for later nodes and runs, e.g. 8G; "
+                        "auto = half the RAM available at start; outputs no later node needs are freed regardless")
     p.add_argument("--seed", type=int, help="set every seed input to this value")
     p.add_argument("--batch-seeds", type=int, default=1, metavar="N", help="run N times, seeds seed..seed+N-1")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary on stdout")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
+    try:
+        budget = _ram_budget(args.ram_budget)
+    except ValueError as e:
+        p.error(f"--ram-budget: {e}")
     registry = headless_registry()
     ctx = NodeContext.headless(args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
-                               extra_paths=args.extra_model_paths, device=args.device)
+                               extra_paths=args.extra_model_paths, device=args.device,
+                               weight_dtype=None if args.weight_dtype == "auto" else args.weight_dtype)
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"ok": False, "images": [], "runs": 0}
     try:
         base = graph.load_workflow(args.workflow, registry)
         ui = _ui_workflow(args.workflow)
-        executor = graph.Executor(registry, graph.OutputCache(), BarHooks(args.quiet or args.json))
+        cache = graph.OutputCache(max_bytes=budget, sizeof=footprint.nbytes)
+        executor = graph.Executor(registry, cache, BarHooks(args.quiet or args.json), keep_outputs=False)
         for k in range(max(1, args.batch_seeds)):
             prompt = {nid: graph.PromptNode(n.class_type, dict(n.inputs), n.title) for nid, n in base.items()}
             apply_sets(prompt, args.set)
@@ -123,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["error"] = str(e)
         print(f"ldm-run: {e}", file=sys.stderr)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary["peak_rss_gib"] = round(footprint.peak_rss() / 2**30, 3)
     if args.json:
         print(json.dumps(summary))
     elif summary["ok"]:

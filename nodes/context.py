@@ -57,11 +57,13 @@ class NodeContext:
     device: str | None = None
     # kind → name → file shipped with the package (the embedded default model)
     builtin_models: dict[str, dict[str, Path]] = field(default_factory=lambda: _builtin_models())
+    # how loaders keep weights in memory: None/"auto" as in the file, or "fp32", "fp16", "bf16"
+    weight_dtype: str | None = None
 
     @classmethod
     def headless(cls, models_dir: str | os.PathLike | None = None, *, input_dir: str | os.PathLike = "input",
                  output_dir: str | os.PathLike = "output", extra_paths: str | os.PathLike | None = None,
-                 device: str | None = None) -> "NodeContext":
+                 device: str | None = None, weight_dtype: str | None = None) -> "NodeContext":
         dirs: dict[str, list[Path]] = {k: [] for k in FOLDERS}
         if models_dir is not None:
             for kind, names in FOLDERS.items():
@@ -70,7 +72,7 @@ class NodeContext:
             for kind, paths in read_extra_model_paths(extra_paths).items():
                 dirs.setdefault(kind, []).extend(paths)
         out = Path(output_dir)
-        return cls(dirs, Path(input_dir), out, out / ".temp", device)
+        return cls(dirs, Path(input_dir), out, out / ".temp", device, weight_dtype=weight_dtype)
 
     def list_models(self, kind: str) -> list[str]:
         names = set(self.builtin_models.get(kind, {}))

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,17 +30,24 @@ class NodeOutputs:
 class OutputCache:
     """Results by signature, owned by the caller and kept across runs.
 
-    `max_entries` bounds it (least recently used dropped first); None keeps everything.
-    `hits`/`misses` count lookups since creation (or `reset_stats`).
+    `max_entries` and `max_bytes` bound it (least recently used dropped first); None keeps
+    everything. Sizes come from `sizeof(values)`, given by the caller (the graph runtime
+    knows no tensors): an entry larger than `max_bytes` on its own is not kept at all.
+    `hits`/`misses` count lookups since creation (or `reset_stats`); `evicted` counts drops.
     """
 
-    def __init__(self, max_entries: int | None = None) -> None:
+    def __init__(self, max_entries: int | None = None, *, max_bytes: int | None = None,
+                 sizeof: Callable[[tuple[Any, ...]], int] | None = None) -> None:
         if max_entries is not None and max_entries < 1:
             raise ValueError("max_entries must be at least 1 (or None for no bound)")
-        self.max_entries = max_entries
+        if max_bytes is not None and (max_bytes < 0 or sizeof is None):
+            raise ValueError("max_bytes needs a sizeof function and must be ≥ 0 (or None for no bound)")
+        self.max_entries, self.max_bytes, self.sizeof = max_entries, max_bytes, sizeof
         self._entries: OrderedDict[str, NodeOutputs] = OrderedDict()
+        self._sizes: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
+        self.evicted = 0
 
     def get(self, signature: str) -> NodeOutputs | None:
         found = self._entries.get(signature)
@@ -54,12 +61,28 @@ class OutputCache:
     def put(self, signature: str, outputs: NodeOutputs) -> None:
         self._entries[signature] = outputs
         self._entries.move_to_end(signature)
-        if self.max_entries is not None:
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+        if self.sizeof is not None:
+            self._sizes[signature] = self.sizeof(outputs.values)
+        self.shrink()
+
+    def shrink(self, room: int = 0) -> None:
+        """Drop least recently used entries until the bounds hold with `room` bytes to spare."""
+        while self._entries and (
+            (self.max_entries is not None and len(self._entries) > self.max_entries)
+            or (self.max_bytes is not None and self.nbytes + room > self.max_bytes)
+        ):
+            oldest, _ = self._entries.popitem(last=False)
+            self._sizes.pop(oldest, None)
+            self.evicted += 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held, as `sizeof` counts them (0 without one)."""
+        return sum(self._sizes.values())
 
     def clear(self) -> None:
         self._entries.clear()
+        self._sizes.clear()
 
     def reset_stats(self) -> None:
         self.hits = self.misses = 0

@@ -17,6 +17,11 @@ caught here. Exceptions from hooks outside a node's run also propagate unchanged
 
 Other hidden inputs a node may list: "prompt" (the API-format prompt), "extra_pnginfo"
 (given to `run`), "unique_id" (its node id; it then joins the cache key).
+
+Memory: a node's outputs are held by the run only until the last node that reads them has
+run (reference counts over the nodes still to run); `RunResult.outputs` keeps every node's
+values only when asked (`keep_outputs=True`, the default for callers that inspect them),
+else just those of the requested output nodes. What outlives a run is the cache's to keep.
 """
 from __future__ import annotations
 
@@ -101,10 +106,12 @@ class Executor:
     """Runs prompts against one registry, reusing `cache` across runs (a fresh OutputCache
     of this executor if none is given)."""
 
-    def __init__(self, registry: Mapping[str, NodeSpec], cache: OutputCache | None = None, hooks: Any = None) -> None:
+    def __init__(self, registry: Mapping[str, NodeSpec], cache: OutputCache | None = None, hooks: Any = None,
+                 *, keep_outputs: bool = True) -> None:
         self.registry = registry
         self.cache = cache if cache is not None else OutputCache()
         self.hooks = hooks
+        self.keep_outputs = keep_outputs
 
     def run(
         self,
@@ -123,25 +130,49 @@ class Executor:
         result = RunResult(warnings=check(prompt, self.registry, context, wanted))
         targets, _ = select_outputs(prompt, self.registry, wanted)
         deps = dependencies(prompt, self.registry)
-        run = _Run(self, prompt, context, extra_pnginfo, result)
-        for node_id in run_order(deps, targets):
+        order = run_order(deps, targets)
+        run = _Run(self, prompt, context, extra_pnginfo, result, _consumers(deps, order),
+                   None if self.keep_outputs else set(targets))
+        for node_id in order:
             blocker = next((d for d in deps[node_id] if d in result.failed or d in result.skipped), None)
             if blocker is not None:
                 result.skipped[node_id] = result.skipped.get(blocker, blocker)
             else:
                 run.node(node_id)
+            run.release(deps[node_id])
         if result.failed and raise_on_failure:
             raise ExecutionFailed(result) from next(iter(result.failed.values()))
         return result
 
 
-class _Run:
-    """The state of one run: signatures so far and the lazily built API prompt."""
+def _consumers(deps: Mapping[str, set[str]], order: Sequence[str]) -> dict[str, int]:
+    """How many nodes of `order` read each node's outputs."""
+    count: dict[str, int] = {}
+    for node_id in order:
+        for dep in deps[node_id]:
+            count[dep] = count.get(dep, 0) + 1
+    return count
 
-    def __init__(self, ex: Executor, prompt: Prompt, context: Any, extra_pnginfo: Any, result: RunResult) -> None:
+
+class _Run:
+    """The state of one run: signatures so far, the outputs still to be read (with how many
+    readers are left), and the lazily built API prompt. `keep`: the node ids whose values go
+    into `RunResult.outputs` (None: all)."""
+
+    def __init__(self, ex: Executor, prompt: Prompt, context: Any, extra_pnginfo: Any, result: RunResult,
+                 readers: dict[str, int], keep: set[str] | None) -> None:
         self.ex, self.prompt, self.context, self.extra_pnginfo, self.result = ex, prompt, context, extra_pnginfo, result
         self.signatures: dict[str, str | None] = {}
+        self.live: dict[str, tuple[Any, ...]] = {}
+        self.readers, self.keep = readers, keep
         self._api: dict[str, Any] | None = None
+
+    def release(self, read: Sequence[str]) -> None:
+        """One reader of each node in `read` is done; outputs nobody will read again are dropped."""
+        for dep in read:
+            self.readers[dep] -= 1
+            if self.readers[dep] == 0:
+                self.live.pop(dep, None)
 
     def node(self, node_id: str) -> None:
         node = self.prompt[node_id]
@@ -167,7 +198,10 @@ class _Run:
             _call(hooks, "on_node_error", node_id, node.class_type, err)
             return
         out = hit if hit is not None else produced
-        result.outputs[node_id] = out.values
+        if self.readers.get(node_id):
+            self.live[node_id] = out.values
+        if self.keep is None or node_id in self.keep:
+            result.outputs[node_id] = out.values
         if out.ui is not None:
             result.ui[node_id] = out.ui
         (result.cached if hit is not None else result.executed).append(node_id)
@@ -182,7 +216,7 @@ class _Run:
             if inp is None:
                 continue  # extra inputs are ignored (a validation warning)
             if isinstance(value, Link):
-                linked[name] = self.result.outputs[value.node_id][value.slot]
+                linked[name] = self.live[value.node_id][value.slot]
                 upstream[name] = (self.signatures[value.node_id], value.slot)
             else:
                 literals[name] = coerce(inp, value)

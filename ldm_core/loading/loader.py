@@ -16,8 +16,9 @@ from ldm_core.checkpoints import weights_file as ckpt
 from ldm_core.checkpoints.model_family import detect_config, detect_text_encoder, detect_unet, detect_vae, text_prefixes
 from ldm_core.checkpoints.weights_file import read_weights, split_components
 from ldm_core.device import Precision, parse_dtype, pick_device, pick_precision
-from ldm_core.errors import StateDictMismatchError, UnsupportedModelError, WrongComponentError
+from ldm_core.errors import MemoryBudgetError, StateDictMismatchError, UnsupportedModelError, WrongComponentError
 from ldm_core.imaging.preview import LatentPreviewer, VAEPreview
+from ldm_core.loading import footprint
 from ldm_core.loading.model import VAE, Checkpoint, DiffusionModel, TextEncoder
 from ldm_core.networks.autoencoder_kl import AutoencoderKL
 from ldm_core.networks.clip_text import ClipTextEncoder, TextEncoderSet
@@ -36,8 +37,24 @@ def _build(build: Any, what: str, config: Any, sd: dict[str, torch.Tensor], comp
            weight_dtype: torch.dtype | None) -> torch.nn.Module:
     """`build(config, sd, storage dtype)`, computing in `compute` (weight_cast.py): weights stay in
     the file's dtype unless `weight_dtype` forces one."""
-    module = _wrap(build, what, config, sd, storage_dtype(sd, compute, weight_dtype))
+    storage = storage_dtype(sd, compute, weight_dtype)
+    _check_copy_fits(what, sd, storage)
+    module = _wrap(build, what, config, sd, storage)
     return compute_in(module, compute)
+
+
+def _check_copy_fits(what: str, sd: dict[str, torch.Tensor], storage: torch.dtype,
+                     available: int | None = None) -> None:
+    """Weights converted to another dtype are copied (the file's own dtype is only mapped): refuse,
+    before allocating, a copy larger than the RAM available, with what to do instead."""
+    need = sum(t.numel() * torch.finfo(storage).bits // 8 for t in sd.values()
+               if t.is_floating_point() and t.dtype != storage)
+    free = footprint.available_ram() if available is None else available
+    if need and free is not None and need > free:
+        raise MemoryBudgetError(
+            f"{what}: converting its weights to {str(storage).removeprefix('torch.')} needs {need / 2**30:.1f} GiB "
+            f"and {free / 2**30:.1f} GiB of RAM are available; keep them as stored in the file (weight_dtype auto, "
+            "ldm-run --weight-dtype auto) or free memory")
 
 
 def _build_text_encoder(config: ModelConfig, comps: ckpt.Components, device: torch.device,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections import Counter
 
 import pytest
@@ -14,6 +15,7 @@ from ldm_core.graph import (
     Executor,
     Hooks,
     NodeExecutionError,
+    NodeOutputs,
     OutputCache,
     ValidationError,
     parse_api,
@@ -244,3 +246,80 @@ def test_long_chain_needs_no_recursion(calls):
     api.update({str(k): {"class_type": "Add", "inputs": {"a": [str(k - 1), 0], "b": 1}} for k in range(1, n)})
     api["end"] = {"class_type": "Show", "inputs": {"value": [str(n - 1), 0]}}
     assert Executor(toy_registry(calls)).run(parse_api(api)).ui["end"] == {"value": n - 1}
+
+
+# --- memory: outputs released after their last reader, a cache bounded in bytes -----------
+
+class Blob:
+    """A weak-referenceable stand-in for a model or tensor."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+def _chain_registry(made: dict, seen: dict) -> dict:
+    """Make → Use → Use2 → Done (output): Make's blob is read by Use only."""
+    def make(ctx, size):
+        made["blob"] = Blob(size)
+        return (made["blob"],)
+
+    def use(ctx, blob):
+        return (blob.size,)
+
+    def use2(ctx, value):
+        seen["alive_after_use"] = made["ref"]() is not None if "ref" in made else None
+        return (value + 1,)
+
+    def done(ctx, value):
+        return {"ui": {"value": [value]}}
+
+    return {
+        "Make": NodeSpec("Make", "Make", "t", make, (InputSpec("size", INT, 1, 0, 10**12),), (OutputSpec("BLOB"),)),
+        "Use": NodeSpec("Use", "Use", "t", use, (InputSpec("blob", "BLOB"),), (OutputSpec(INT),)),
+        "Use2": NodeSpec("Use2", "Use2", "t", use2, (InputSpec("value", INT),), (OutputSpec(INT),)),
+        "Done": NodeSpec("Done", "Done", "t", done, (InputSpec("value", INT),), (), output_node=True),
+    }
+
+
+CHAIN = {"1": {"class_type": "Make", "inputs": {"size": 7}}, "2": {"class_type": "Use", "inputs": {"blob": ["1", 0]}},
+         "3": {"class_type": "Use2", "inputs": {"value": ["2", 0]}}, "4": {"class_type": "Done", "inputs": {"value": ["3", 0]}}}
+
+
+class WeakRefOnDone(Hooks):
+    def __init__(self, made: dict) -> None:
+        self.made = made
+
+    def on_node_done(self, node_id, class_type, cached):
+        if class_type == "Make":
+            self.made["ref"] = weakref.ref(self.made.pop("blob"))
+
+
+def test_an_output_is_released_once_its_last_reader_ran():
+    made, seen = {}, {}
+    nothing_kept = OutputCache(max_bytes=0, sizeof=lambda values: 1)
+    ex = Executor(_chain_registry(made, seen), nothing_kept, WeakRefOnDone(made), keep_outputs=False)
+    result = ex.run(parse_api(CHAIN))
+    assert result.ui["4"] == {"value": [8]}
+    assert seen["alive_after_use"] is False  # freed before Use2 ran: only Use read it
+    assert set(result.outputs) == {"4"}  # only the requested output node's values are returned
+
+
+def test_keep_outputs_and_an_unbounded_cache_keep_it_alive():
+    made, seen = {}, {}
+    ex = Executor(_chain_registry(made, seen), OutputCache(), WeakRefOnDone(made))
+    result = ex.run(parse_api(CHAIN))
+    assert seen["alive_after_use"] is True and set(result.outputs) == {"1", "2", "3", "4"}
+
+
+def test_the_cache_drops_least_recently_used_entries_past_its_byte_budget():
+    cache = OutputCache(max_bytes=10, sizeof=lambda values: values[0].size)
+    for name, size in (("a", 4), ("b", 4), ("c", 4)):
+        cache.put(name, NodeOutputs((Blob(size),)))
+    assert "a" not in cache and "b" in cache and "c" in cache and cache.nbytes == 8 and cache.evicted == 1
+    cache.get("b")  # b is now the most recent
+    cache.put("d", NodeOutputs((Blob(4),)))
+    assert "c" not in cache and "b" in cache and "d" in cache
+    cache.put("huge", NodeOutputs((Blob(11),)))  # larger than the budget on its own: not kept
+    assert "huge" not in cache and cache.nbytes <= 10
+    with pytest.raises(ValueError, match="sizeof"):
+        OutputCache(max_bytes=10)

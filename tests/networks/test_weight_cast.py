@@ -96,3 +96,14 @@ def test_compute_in_swaps_classes_back_and_forth():
     with computing_in(model, torch.float16, restore=torch.float32):
         assert type(model[0]) is nn.Linear  # stored and computed in fp16: the plain layer
     assert isinstance(model[0], CastLinear)
+
+
+def test_a_conversion_larger_than_free_ram_is_a_typed_error_before_allocating(pair, monkeypatch):
+    from ldm_core.errors import MemoryBudgetError
+    from ldm_core.loading import footprint
+
+    _, _, path = pair
+    monkeypatch.setattr(footprint, "available_ram", lambda: 1000)  # bytes
+    with pytest.raises(MemoryBudgetError, match=r"converting its weights to float32 needs .* GiB.*weight_dtype auto"):
+        load_checkpoint(path, device="cpu", weight_dtype="fp32")
+    load_checkpoint(path, device="cpu")  # as stored: mapped from the file, nothing to copy, no error
