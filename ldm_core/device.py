@@ -8,6 +8,7 @@ fp16 VAE is only used when asked for, and a non-finite result is redone in fp32.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,32 @@ def pick_device(requested: str | torch.device | None = None) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise DeviceError(f"unsupported device {str(requested)!r}; use cpu, cuda or mps")
     return device
+
+
+def available_ram() -> int | None:
+    """Bytes of RAM that can still be allocated: the kernel's MemAvailable, else the free pages
+    (None where neither is known)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError):
+            pass
+    return None
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device` (CUDA: free memory; else RAM, 4 GiB if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = available_ram()
+    return 4 << 30 if free is None else free
 
 
 def _bf16_ok(device: torch.device) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm_core import graph
-from ldm_core.device import WEIGHT_DTYPES
+from ldm_core.device import WEIGHT_DTYPES, available_ram
 from ldm_core.loading import footprint
 
 from .context import NodeContext
@@ -89,7 +89,7 @@ def _ram_budget(text: str) -> int | None:
     """Bytes the output cache may keep: an explicit size, or half the RAM available now (None if unknown)."""
     if text != "auto":
         return footprint.parse_bytes(text)
-    free = footprint.available_ram()
+    free = available_ram()
     return None if free is None else free // 2
 
 

@@ -63,18 +63,6 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def available_ram() -> int | None:
-    """Bytes of RAM the kernel says are available (MemAvailable), None where it does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def peak_rss() -> int:
     """This process's peak resident set size in bytes (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

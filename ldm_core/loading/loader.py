@@ -15,10 +15,9 @@ import torch
 from ldm_core.checkpoints import weights_file as ckpt
 from ldm_core.checkpoints.model_family import detect_config, detect_text_encoder, detect_unet, detect_vae, text_prefixes
 from ldm_core.checkpoints.weights_file import read_weights, split_components
-from ldm_core.device import Precision, parse_dtype, pick_device, pick_precision
+from ldm_core.device import Precision, available_ram, parse_dtype, pick_device, pick_precision
 from ldm_core.errors import MemoryBudgetError, StateDictMismatchError, UnsupportedModelError, WrongComponentError
 from ldm_core.imaging.preview import LatentPreviewer, VAEPreview
-from ldm_core.loading import footprint
 from ldm_core.loading.model import VAE, Checkpoint, DiffusionModel, TextEncoder
 from ldm_core.networks.autoencoder_kl import AutoencoderKL
 from ldm_core.networks.clip_text import ClipTextEncoder, TextEncoderSet
@@ -49,7 +48,7 @@ def _check_copy_fits(what: str, sd: dict[str, torch.Tensor], storage: torch.dtyp
     before allocating, a copy larger than the RAM available, with what to do instead."""
     need = sum(t.numel() * torch.finfo(storage).bits // 8 for t in sd.values()
                if t.is_floating_point() and t.dtype != storage)
-    free = footprint.available_ram() if available is None else available
+    free = available_ram() if available is None else available
     if need and free is not None and need > free:
         raise MemoryBudgetError(
             f"{what}: converting its weights to {str(storage).removeprefix('torch.')} needs {need / 2**30:.1f} GiB "

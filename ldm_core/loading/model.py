@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ldm_core.conditioning.cond import Cond
+from ldm_core.device import free_memory
 from ldm_core.errors import PromptError
 from ldm_core.imaging import latent as latents
 from ldm_core.lora.weight_patch import LoraTarget, PatchedModule, WeightPatch, patched
@@ -28,7 +29,7 @@ from ldm_core.sampling.denoiser import Denoiser
 from ldm_core.sampling.schedule import DiscreteSchedule
 from ldm_core.text.prompt_syntax import tokenize_with_weights
 from ldm_core.text.tokenizer import ClipTokenizer
-from ldm_core.tiling.tiled_vae import TileOptions, decode_tiled, encode_tiled, free_memory, untiled_bytes
+from ldm_core.tiling.tiled_vae import TileOptions, decode_tiled, encode_tiled, untiled_bytes
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,6 @@ the untiled result is that of the estimate, measured in the tests, never zero.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm_core.device import free_memory
 from ldm_core.errors import LdmError
 from ldm_core.networks.autoencoder_kl import AutoencoderKL, DiagonalGaussian, ResnetBlock
 from ldm_core.networks.weight_cast import compute_dtype, model_compute_dtype, weight_for
@@ -99,20 +99,6 @@ class TileOptions:
 
 
 # ---------------------------------------------------------------- memory and tile size
-
-def free_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on `device` (CUDA: free memory; CPU: MemAvailable)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")) if hasattr(os, "sysconf") else 4 << 30
-
 
 def auto_tile(model: AutoencoderKL, device: torch.device, free: int | None = None, mode: Mode = "exact") -> int:
     """A tile side (image px, multiple of 32) whose working set takes about 1/32 of free memory,
@@ -576,4 +562,4 @@ def encode_tiled(model: AutoencoderKL, x: Tensor, options: TileOptions = TileOpt
 
 
 __all__ = ["MODES", "TileOptions", "TilingError", "auto_tile", "decode_tiled", "decoder_halo", "encode_tiled",
-           "encoder_halo", "free_memory", "untiled_bytes"]
+           "encoder_halo", "untiled_bytes"]

@@ -12,8 +12,7 @@ from ldm_core.loading.loader import load_checkpoint
 from ldm_core.lora.lora_names import random_lora, save_lora
 from ldm_core.lora.weight_patch import apply_lora
 from ldm_core.networks.presets import PRESETS, shrink
-from ldm_core.networks.weight_cast import (CastConv2d, CastLinear, compute_in, computing_in, storage_dtype,
-                                           stored_bytes)
+from ldm_core.networks.weight_cast import CastConv2d, CastLinear, compute_in, computing_in, storage_dtype, stored_bytes
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +99,10 @@ def test_compute_in_swaps_classes_back_and_forth():
 
 def test_a_conversion_larger_than_free_ram_is_a_typed_error_before_allocating(pair, monkeypatch):
     from ldm_core.errors import MemoryBudgetError
-    from ldm_core.loading import footprint
+    from ldm_core.loading import loader
 
     _, _, path = pair
-    monkeypatch.setattr(footprint, "available_ram", lambda: 1000)  # bytes
+    monkeypatch.setattr(loader, "available_ram", lambda: 1000)  # bytes
     with pytest.raises(MemoryBudgetError, match=r"converting its weights to float32 needs .* GiB.*weight_dtype auto"):
         load_checkpoint(path, device="cpu", weight_dtype="fp32")
     load_checkpoint(path, device="cpu")  # as stored: mapped from the file, nothing to copy, no error

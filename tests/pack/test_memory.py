@@ -97,7 +97,7 @@ def test_the_sizes_counted_are_the_weights(setup):
 
 def test_a_load_that_cannot_fit_names_the_node_and_the_sizes(setup, monkeypatch, capsys):
     root, _ = setup
-    monkeypatch.setattr(footprint, "available_ram", lambda: 10_000)
+    monkeypatch.setattr(loader, "available_ram", lambda: 10_000)
     rc = ldm_run([str(root / "graph.json"), "--models-dir", str(root / "models"), "--output-dir",
                   str(root / "out_oom"), "--device", "cpu", "--weight-dtype", "fp16", "--quiet"])
     err = capsys.readouterr().err
