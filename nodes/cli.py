@@ -1,7 +1,12 @@
-"""`ldm-run WORKFLOW`: run a saved graph (API or UI JSON, or a PNG that carries one) headless."""
+"""`ldm-run WORKFLOW`: run a saved graph (API or UI JSON, or a PNG that carries one) headless.
+
+Arguments are parsed before torch and the node modules are imported, so `--help` and a wrong
+flag answer at once.
+"""
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 import time
@@ -9,13 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ldm_core import graph
-from ldm_core.device import WEIGHT_DTYPES, available_ram
-from ldm_core.loading import footprint
 
 from .context import NodeContext
-from .registry import headless_registry
 
 SEED_INPUTS = ("seed", "noise_seed")
+WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")  # = ldm_core.device.WEIGHT_DTYPES (a test keeps them equal)
 
 
 def _literal(text: str) -> Any:
@@ -25,8 +28,9 @@ def _literal(text: str) -> Any:
         return text
 
 
-def apply_sets(prompt: dict, sets: list[str]) -> None:
-    """`NODE.INPUT=VALUE` overrides (VALUE parsed as JSON when it parses, else a string)."""
+def apply_sets(prompt: dict, sets: list[str], registry: dict | None = None) -> None:
+    """`NODE.INPUT=VALUE` overrides (VALUE parsed as JSON when it parses, else a string). With the
+    `registry`, an input the node type does not have is an error that suggests the closest name."""
     for item in sets:
         target, sep, value = item.partition("=")
         node_id, dot, name = target.partition(".")
@@ -34,16 +38,26 @@ def apply_sets(prompt: dict, sets: list[str]) -> None:
             raise SystemExit(f"ldm-run: --set {item!r}: expected NODE.INPUT=VALUE")
         if node_id not in prompt:
             raise SystemExit(f"ldm-run: --set {item!r}: no node {node_id!r} (nodes: {', '.join(sorted(prompt))})")
+        spec = (registry or {}).get(prompt[node_id].class_type)
+        if spec is not None and spec.input(name) is None:
+            names = [i.name for i in spec.inputs]
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise SystemExit(f"ldm-run: --set {item!r}: node {node_id} ({prompt[node_id].class_type}) has no input "
+                             f"{name!r}; {hint}its inputs: {', '.join(names)}")
         prompt[node_id].inputs[name] = _literal(value)
 
 
-def set_seeds(prompt: dict, seed: int) -> int:
-    """Give every literal seed input the value `seed`; returns how many were set."""
+def set_seeds(prompt: dict, seed: int | None, offset: int = 0) -> int:
+    """Give every literal seed input the value `seed` + `offset` (`seed` None: its own value +
+    `offset`, so `--batch-seeds N` alone walks on from the graph's seeds); returns how many."""
     n = 0
     for node in prompt.values():
         for name in SEED_INPUTS:
-            if name in node.inputs and not isinstance(node.inputs[name], graph.Link):
-                node.inputs[name] = seed
+            value = node.inputs.get(name)
+            if name in node.inputs and not isinstance(value, graph.Link):
+                base = seed if seed is not None else (value if isinstance(value, int) else 0)
+                node.inputs[name] = base + offset
                 n += 1
     return n
 
@@ -87,8 +101,11 @@ def _ui_workflow(path: str) -> dict | None:
 
 def _ram_budget(text: str) -> int | None:
     """Bytes the output cache may keep: an explicit size, or half the RAM available now (None if unknown)."""
+    from ldm_core.device import available_ram
+    from ldm_core.loading.footprint import parse_bytes
+
     if text != "auto":
-        return footprint.parse_bytes(text)
+        return parse_bytes(text)
     free = available_ram()
     return None if free is None else free // 2
 
@@ -118,6 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         budget = _ram_budget(args.ram_budget)
     except ValueError as e:
         p.error(f"--ram-budget: {e}")
+    try:
+        return _run(args, budget)
+    except KeyboardInterrupt:
+        print("ldm-run: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, budget: int | None) -> int:
+    from ldm_core.loading import footprint
+
+    from .registry import headless_registry
+
     registry = headless_registry()
     ctx = NodeContext.headless(args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
                                extra_paths=args.extra_model_paths, device=args.device,
@@ -131,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
         executor = graph.Executor(registry, cache, BarHooks(args.quiet or args.json), keep_outputs=False)
         for k in range(max(1, args.batch_seeds)):
             prompt = {nid: graph.PromptNode(n.class_type, dict(n.inputs), n.title) for nid, n in base.items()}
-            apply_sets(prompt, args.set)
-            if args.seed is not None:
-                set_seeds(prompt, args.seed + k)
+            apply_sets(prompt, args.set, registry)
+            if args.seed is not None or k:
+                set_seeds(prompt, args.seed, k)
+            if k == 0:  # before anything runs (the run checks again, without printing)
+                for warning in graph.check(prompt, registry, ctx):
+                    print(f"ldm-run: warning: {warning}", file=sys.stderr)
             result = executor.run(prompt, ctx, extra_pnginfo={"workflow": ui} if ui else None)
             for ui_out in result.ui.values():
                 for img in ui_out.get("images", []):

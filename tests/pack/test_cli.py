@@ -1,0 +1,57 @@
+"""ldm-run's answers to a user's mistakes and habits (issue 27, part): a misspelt --set input is an
+error naming the right one, --batch-seeds alone walks on from the graph's own seeds, Ctrl-C is one
+line and exit 130, --help answers without importing torch."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ldm_core.device import WEIGHT_DTYPES
+from ldm_nodes import cli
+from ldm_nodes.cli import main as ldm_run
+
+WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "txt2img.json"
+
+
+def test_help_answers_before_torch_is_imported():
+    code = ("import sys\nfrom ldm_nodes import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit as e:\n"
+            "    assert e.code == 0\nassert 'torch' not in sys.modules, 'torch imported for --help'\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "--weight-dtype" in res.stdout and "--ram-budget" in res.stdout
+    assert cli.WEIGHT_DTYPES == WEIGHT_DTYPES
+
+
+@pytest.mark.parametrize("item,expected", [
+    ("5.stpes=30", "node 5 (LDMKSampler) has no input 'stpes'; did you mean 'steps'?"),
+    ("2.txt=a cat", "node 2 (LDMTextEncode) has no input 'txt'; did you mean 'text'?"),
+])
+def test_a_misspelt_set_input_is_an_error_that_names_the_right_one(item, expected, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        ldm_run([str(WORKFLOW), "--set", item, "--output-dir", str(tmp_path), "--quiet"])
+    assert expected in str(e.value)
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_batch_seeds_without_seed_walks_on_from_the_graphs_seed(tmp_path, capsys):
+    rc = ldm_run([str(WORKFLOW), "--batch-seeds", "2", "--set", "5.steps=2", "--output-dir", str(tmp_path), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(set(summary["images"])) == 2  # two files, not one path twice
+    seeds = [json.loads(Image.open(p).text["prompt"])["5"]["inputs"]["seed"] for p in summary["images"]]
+    graph_seed = json.loads(WORKFLOW.read_text())["5"]["inputs"]["seed"]
+    assert seeds == [graph_seed, graph_seed + 1]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args, budget):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert ldm_run([str(WORKFLOW)]) == 130
+    assert capsys.readouterr().err.strip() == "ldm-run: interrupted"
