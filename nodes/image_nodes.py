@@ -43,6 +43,15 @@ def _metadata(prompt, extra_pnginfo) -> dict[str, str]:
     return meta
 
 
+def _prefix_problem(prefix: str, ctx: NodeContext | None) -> str | None:
+    """Why `prefix` cannot name saved files (it leaves the output folder), found before the graph runs."""
+    try:
+        image_io.resolve_prefix(ctx.output_dir if ctx is not None else "output", prefix)
+    except image_io.OutputPathError as e:
+        return str(e)
+    return None
+
+
 def save(ctx: NodeContext, images, filename_prefix: str = "ComfyUI", prompt=None, extra_pnginfo=None):
     results = image_io.save_images(images, ctx.output_dir, filename_prefix, _metadata(prompt, extra_pnginfo))
     return {"ui": {"images": results}, "result": ()}
@@ -66,7 +75,8 @@ def specs(s: Sockets, core: bool = False) -> list:
              "Loads a picture from the input folder as IMAGE and MASK.", is_changed=load_changed),
         node("LDMSaveImage", "Save Image (LDM)", "image", save,
              [socket("images", IMAGE, "The images to save."),
-              text("filename_prefix", "ComfyUI", "Name prefix; may contain subfolders and %width%, %date%-style fields.")],
+              text("filename_prefix", "ComfyUI", "Name prefix; may contain subfolders and %width%, %date%-style fields.",
+                   check=_prefix_problem)],
              [], "Saves PNGs into the output folder with the workflow embedded.", output_node=True,
              hidden=("prompt", "extra_pnginfo")),
         node("LDMPreviewImage", "Preview Image (LDM)", "image", preview,

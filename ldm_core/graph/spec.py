@@ -40,6 +40,8 @@ class InputSpec:
     control_after_generate: bool = False
     force_input: bool = False  # a widget type shown as a socket
     image_upload: bool = False  # the editor shows an upload button that adds files to the choices
+    # check(value, context) -> what is wrong with a literal value (None: nothing), run at validation
+    check: Callable[[Any, Any], str | None] | None = None
 
     @property
     def is_widget(self) -> bool:

@@ -47,6 +47,7 @@ CYCLE = "cycle"
 NO_OUTPUT_NODE = "no_output_node"
 UNKNOWN_OUTPUT_REQUESTED = "unknown_output_requested"
 UNKNOWN_INPUT = "unknown_input"
+INVALID_VALUE = "invalid_value"  # a value the input's own check refuses
 
 _PY_TYPE = MappingProxyType({INT: "an integer", FLOAT: "a number", STRING: "a string", BOOLEAN: "true or false"})
 
@@ -188,8 +189,17 @@ def _value_problems(inp: InputSpec, value: Any, context: Any) -> Iterable[tuple[
     if inp.type in (INT, FLOAT):
         if inp.min is not None and value < inp.min:
             yield VALUE_OUT_OF_RANGE, f"{_show(value)} is below the minimum {inp.min:g}: use a value in [{_range(inp)}]"
+            return
         elif inp.max is not None and value > inp.max:
             yield VALUE_OUT_OF_RANGE, f"{_show(value)} is above the maximum {inp.max:g}: use a value in [{_range(inp)}]"
+            return
+    if inp.check is not None:
+        try:
+            problem = inp.check(value, context)
+        except Exception as exc:  # a check reads the disk or a config: report, don't crash
+            problem = f"could not be checked: {type(exc).__name__}: {exc}"
+        if problem:
+            yield INVALID_VALUE, problem
 
 
 def _combo_problems(inp: InputSpec, value: Any, context: Any) -> Iterable[tuple[str, str]]:

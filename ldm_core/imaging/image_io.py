@@ -74,10 +74,10 @@ def _expand_prefix(prefix: str, width: int, height: int) -> str:
     return prefix
 
 
-def save_path(output_dir: str | os.PathLike, prefix: str, width: int = 0, height: int = 0) -> tuple[Path, str, int, str]:
-    """(folder, file stem, first free counter, subfolder) for `prefix`, as ComfyUI names saves:
-    `<subfolder>/<stem>_<counter:05>_.png`, counter one past the highest already there.
-    A prefix that leaves `output_dir` (`../x`, an absolute path) is refused."""
+def resolve_prefix(output_dir: str | os.PathLike, prefix: str, width: int = 0,
+                   height: int = 0) -> tuple[Path, str, str]:
+    """(folder, file stem, subfolder) that `prefix` names under `output_dir`, touching nothing;
+    OutputPathError for a prefix that leaves the folder (`../x`, an absolute path)."""
     prefix = _expand_prefix(prefix, width, height)
     norm = os.path.normpath(prefix)
     subfolder, stem = os.path.split(norm)
@@ -87,6 +87,14 @@ def save_path(output_dir: str | os.PathLike, prefix: str, width: int = 0, height
         raise OutputPathError(
             f"filename_prefix {prefix!r} would write outside the output folder {root}; use a relative name such as 'images/run'"
         )
+    return folder, stem, subfolder
+
+
+def save_path(output_dir: str | os.PathLike, prefix: str, width: int = 0, height: int = 0) -> tuple[Path, str, int, str]:
+    """(folder, file stem, first free counter, subfolder) for `prefix`, as ComfyUI names saves:
+    `<subfolder>/<stem>_<counter:05>_.png`, counter one past the highest already there.
+    A prefix that leaves `output_dir` (`../x`, an absolute path) is refused."""
+    folder, stem, subfolder = resolve_prefix(output_dir, prefix, width, height)
     folder.mkdir(parents=True, exist_ok=True)
     highest = 0
     for name in os.listdir(folder):

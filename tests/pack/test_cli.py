@@ -55,3 +55,16 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_run", interrupted)
     assert ldm_run([str(WORKFLOW)]) == 130
     assert capsys.readouterr().err.strip() == "ldm-run: interrupted"
+
+
+def test_a_prefix_that_leaves_the_output_folder_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    from ldm_core.loading import loader
+
+    def never(*a, **k):
+        raise AssertionError("a model was loaded before the prefix was checked")
+
+    monkeypatch.setattr(loader, "load_checkpoint", never)
+    out = tmp_path / "out"
+    rc = ldm_run([str(WORKFLOW), "--set", "7.filename_prefix=../../escaped", "--output-dir", str(out), "--quiet"])
+    assert rc == 1
+    assert not out.exists() and not list(tmp_path.rglob("escaped*"))
