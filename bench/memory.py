@@ -76,6 +76,7 @@ class Result:
     startup: float | None = None  # ComfyUI: until /system_stats answers
     idle: int | None = None  # ComfyUI: VmHWM when it was up, before the prompt
     failed: str | None = None
+    load: float | None = None  # 1-minute load average when it finished (others' work skews the time)
     images: list[str] = field(default_factory=list)
 
 
@@ -203,7 +204,7 @@ def run_ours(args: argparse.Namespace, work: Path) -> Result:
         res.anon = max(res.anon, _status(proc.pid).get("RssAnon", 0))
         time.sleep(SAMPLE_S)
     code, res.peak = _reap(proc)
-    res.seconds = time.perf_counter() - t0
+    res.seconds, res.load = time.perf_counter() - t0, os.getloadavg()[0]
     if code != 0:
         res.failed = f"{_exit_text(code)}: {_tail(log)}"
     res.images = _images(out_dir, before)
@@ -298,6 +299,7 @@ def run_comfy(args: argparse.Namespace, work: Path, extra: str, prompt: dict) ->
                 res.failed = f"server died while running ({_exit_text(code)}): {_tail(log)}"
                 break
             res.anon = max(res.anon, _status(proc.pid).get("RssAnon", 0))
+            res.load = os.getloadavg()[0]
             now = time.perf_counter()
             if now - last_poll >= 0.5:
                 last_poll = now
@@ -389,6 +391,8 @@ def report(args: argparse.Namespace, ours: Result, comfy: list[Result]) -> list[
         if r.failed:
             notes.append(f"**{r.failed}**")
         notes.append("images: " + (", ".join(r.images) if r.images else "none"))
+        if r.load is not None:
+            notes.append(f"load average {r.load:.1f} at the end")
         ratios = ["—", "—"]
         if r is not ours:
             mem = Row(f"peak RSS vs {r.program}", ours.peak, None if r.failed else r.peak, RSS_TARGET)
