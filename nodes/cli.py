@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -135,11 +136,25 @@ def main(argv: list[str] | None = None) -> int:
         budget = _ram_budget(args.ram_budget)
     except ValueError as e:
         p.error(f"--ram-budget: {e}")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args, budget)
     except KeyboardInterrupt:
         print("ldm-run: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("ldm-run: terminated", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the run is so that every `finally` runs (no half-written file stays)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def _run(args: argparse.Namespace, budget: int | None) -> int:

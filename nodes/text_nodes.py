@@ -1,6 +1,8 @@
 """Text conditioning nodes: prompt encoding and clip skip."""
 from __future__ import annotations
 
+from ldm_core.text.prompt_syntax import weight_problem
+
 from .context import NodeContext
 from .socket_types import Sockets
 from .spec_helpers import integer, node, out, socket, text
@@ -26,7 +28,7 @@ def specs(s: Sockets, core: bool = False) -> list:
     return [
         node("LDMTextEncode", "Text Encode (LDM)", "conditioning", encode,
              [text("text", "", "The prompt. (word:1.2) weights, (word) = ×1.1, \\( escapes, embedding:name.",
-                   multiline=True),
+                   multiline=True, check=lambda value, ctx: weight_problem(value)),
               socket("clip", s.clip, "The text encoder.")],
              [out(s.conditioning, "CONDITIONING", "τθ(prompt): cross-attention context (and pooled vector).")],
              "Encodes a prompt with the model's CLIP text encoder(s), ComfyUI prompt syntax and weighting."),

@@ -27,6 +27,12 @@ def from_pil(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr)[None]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_png_atomic(img: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None) -> Path:
     """Write `img` to `path` via a temporary file in the same folder and an exclusive link,
     so an interruption leaves no half-written PNG and an existing file is never replaced."""
@@ -36,6 +42,7 @@ def write_png_atomic(img: Image.Image, path: str | os.PathLike, text: dict[str, 
         info.add_text(k, v)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved picture gets the usual mode
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG", pnginfo=info, compress_level=4)
             f.flush()

@@ -23,6 +23,7 @@ The semantics are ComfyUI's (``comfy/sd1_clip.py``: ``token_weights``, ``SDToken
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
 
@@ -107,6 +108,16 @@ def group_weight(inner: str, weight: float) -> tuple[str, float]:
         except ValueError:
             pass
     return inner, weight * EMPHASIS
+
+
+def weight_problem(text: str) -> str | None:
+    """What is wrong with a prompt's weights, None if nothing: for validation before any model is
+    loaded. `parse_weights` passes a non-finite weight through as ComfyUI does, but (red:nan)
+    makes every pixel NaN, a black picture; here it is named with what to write instead."""
+    for segment, weight in parse_weights(text):
+        if not math.isfinite(weight):
+            return f"the weight of '({segment}:{weight})' is not a finite number; use a number such as ({segment}:1.2)"
+    return None
 
 
 def parse_weights(text: str) -> list[tuple[str, float]]:

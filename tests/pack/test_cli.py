@@ -68,3 +68,44 @@ def test_a_prefix_that_leaves_the_output_folder_is_refused_before_anything_runs(
     rc = ldm_run([str(WORKFLOW), "--set", "7.filename_prefix=../../escaped", "--output-dir", str(out), "--quiet"])
     assert rc == 1
     assert not out.exists() and not list(tmp_path.rglob("escaped*"))
+
+
+def test_a_non_finite_prompt_weight_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    from ldm_core.loading import loader
+
+    monkeypatch.setattr(loader, "load_checkpoint", lambda *a, **k: pytest.fail("a model was loaded"))
+    rc = ldm_run([str(WORKFLOW), "--set", "2.text=a (red:nan) circle", "--output-dir", str(tmp_path), "--quiet"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "node 2" in err and "'(red:nan)' is not a finite number" in err and "(red:1.2)" in err, err
+
+
+def test_saved_pictures_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from ldm_core.imaging.image_io import write_png_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_png_atomic(Image.new("RGB", (2, 2)), tmp_path / "x.png")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_sigterm_stops_cleanly_with_nothing_partial_on_disk(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ldm_nodes.cli", str(WORKFLOW), "--output-dir", str(tmp_path),
+                             "--set", "5.steps=200"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:  # wait until the sampler runs
+        if "[5]" in line or time.monotonic() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 143
+    assert rest.strip().splitlines()[-1] == "ldm-run: terminated"
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob(".tmp-*"))
