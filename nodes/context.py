@@ -30,6 +30,13 @@ def _builtin_models() -> dict[str, dict[str, Path]]:
     return embedded.builtin_models()
 
 
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # example inputs the shipped workflows read
+
+
+def _builtin_inputs() -> dict[str, Path]:
+    return {p.name: p for p in sorted(EXAMPLES_DIR.glob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
 class PathError(ValueError):
     """A file name from a workflow that is missing or would leave its folder."""
 
@@ -59,6 +66,8 @@ class NodeContext:
     builtin_models: dict[str, dict[str, Path]] = field(default_factory=lambda: _builtin_models())
     # how loaders keep weights in memory: None/"auto" as in the file, or "fp32", "fp16", "bf16"
     weight_dtype: str | None = None
+    # name → picture shipped with the pack, found when the input folder has no file of that name
+    builtin_inputs: dict[str, Path] = field(default_factory=lambda: _builtin_inputs())
 
     @classmethod
     def headless(cls, models_dir: str | os.PathLike | None = None, *, input_dir: str | os.PathLike = "input",
@@ -94,16 +103,19 @@ class NodeContext:
         raise PathError(f"{kind} file {name!r} not found; searched {searched}")
 
     def list_inputs(self) -> list[str]:
-        if not self.input_dir.is_dir():
-            return []
-        return sorted(p.relative_to(self.input_dir).as_posix() for p in self.input_dir.rglob("*")
-                      if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        names = set(self.builtin_inputs)
+        if self.input_dir.is_dir():
+            names.update(p.relative_to(self.input_dir).as_posix() for p in self.input_dir.rglob("*")
+                         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        return sorted(names)
 
     def input_path(self, name: str) -> Path:
         path = _inside(self.input_dir, name)
-        if not path.is_file():
-            raise PathError(f"input image {name!r} not found in {self.input_dir}")
-        return path
+        if path.is_file():
+            return path
+        if name in self.builtin_inputs:
+            return self.builtin_inputs[name]
+        raise PathError(f"input image {name!r} not found in {Path(os.path.abspath(self.input_dir))}")
 
     def output_folder(self, subfolder: str, *, temp: bool = False) -> Path:
         """A folder under the output (or temp) directory; refuses anything that leaves it."""

@@ -109,3 +109,14 @@ def test_sigterm_stops_cleanly_with_nothing_partial_on_disk(tmp_path):
     assert proc.wait(timeout=60) == 143
     assert rest.strip().splitlines()[-1] == "ldm-run: terminated"
     assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob(".tmp-*"))
+
+
+@pytest.mark.parametrize("name", ["txt2img.json", "img2img.json", "inpaint.json", "inpaint_mask.json"])
+def test_shipped_workflows_run_from_an_empty_directory_with_no_flags(name, tmp_path):
+    """The example pictures ship with the pack (nodes/examples/), found when input/ has none."""
+    res = subprocess.run([sys.executable, "-m", "ldm_nodes.cli", str(WORKFLOW.parent / name), "--quiet"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    written = list((tmp_path / "output").glob("*.png"))
+    assert len(written) == 1 and Image.open(written[0]).size[0] >= 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["output"]  # nothing else created
