@@ -16,7 +16,7 @@ from typing import Any
 
 from ldm_core import graph
 
-from .context import NodeContext
+from .context import NodeContext, PathError
 
 SEED_INPUTS = ("seed", "noise_seed")
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")  # = ldm_core.device.WEIGHT_DTYPES (a test keeps them equal)
@@ -25,7 +25,7 @@ WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")  # = ldm_core.device.WEIGHT_DTY
 def _literal(text: str) -> Any:
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or an integer past Python's digit limit: the text itself (validation says why)
         return text
 
 
@@ -94,8 +94,8 @@ def _ui_workflow(path: str) -> dict | None:
     if p.suffix.lower() != ".json":
         return None
     try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(p.read_bytes())  # bytes: UTF-16/32 files too; a PNG renamed .json is not JSON
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) and "nodes" in data and "links" in data else None
 
@@ -162,10 +162,14 @@ def _run(args: argparse.Namespace, budget: int | None) -> int:
 
     from .registry import headless_registry
 
+    try:
+        ctx = NodeContext.headless(args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
+                                   extra_paths=args.extra_model_paths, device=args.device,
+                                   weight_dtype=None if args.weight_dtype == "auto" else args.weight_dtype)
+    except PathError as e:
+        print(f"ldm-run: --extra-model-paths: {e}", file=sys.stderr)
+        return 2
     registry = headless_registry()
-    ctx = NodeContext.headless(args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
-                               extra_paths=args.extra_model_paths, device=args.device,
-                               weight_dtype=None if args.weight_dtype == "auto" else args.weight_dtype)
     t0 = time.perf_counter()
     summary: dict[str, Any] = {"ok": False, "images": [], "runs": 0}
     try:

@@ -131,7 +131,11 @@ def read_extra_model_paths(path: str | os.PathLike) -> dict[str, list[Path]]:
     import yaml
 
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as e:  # missing, unreadable, not text, not YAML
+        raise PathError(f"{path}: cannot read it as an extra_model_paths.yaml ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else 'no detail'})") from None
     if not isinstance(data, dict):
         raise PathError(f"{path}: expected sections of folder settings")
     aliases = {name: kind for kind, names in FOLDERS.items() for name in names}

@@ -82,6 +82,12 @@ def _safetensors_header(path: Path, size: int) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _short(value: object, limit: int = 120) -> str:
+    """repr(value), cut to `limit` characters: a corrupt header can hold megabytes of text."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def read_safetensors(path: str | os.PathLike) -> WeightsFile:
     """Memory-map a safetensors file; every entry is validated against the file size."""
     path = Path(path)
@@ -99,14 +105,15 @@ def read_safetensors(path: str | os.PathLike) -> WeightsFile:
             shape = [int(s) for s in info["shape"]]
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise CheckpointFormatError(f"{path.name}: malformed header entry for {name!r}: {info!r}") from None
+            raise CheckpointFormatError(f"{path.name}: malformed header entry for {_short(name)}: {_short(info)}; "
+                                        "the file is corrupt") from None
         numel = 1
         for s in shape:
             numel *= s
         nbytes = numel * dtype.itemsize
         if not (0 <= begin <= end <= data_len) or end - begin != nbytes:
             raise CheckpointFormatError(
-                f"{path.name}: tensor {name!r} lies outside the file or has the wrong byte size "
+                f"{path.name}: tensor {_short(name)} lies outside the file or has the wrong byte size "
                 f"(offsets {begin}..{end} of {data_len} data bytes, needs {nbytes}); the file is truncated or corrupt"
             )
         tensors[name] = _view(storage, data_start + begin, dtype, shape)

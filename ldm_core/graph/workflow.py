@@ -70,8 +70,8 @@ def read_source(source: Any, prefer: Prefer = "prompt") -> Any:
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _from_bytes(bytes(source), prefer, "data")
-    if isinstance(source, str) and source.lstrip().startswith(("{", "[")):
-        return parse_json(source, "text")
+    if isinstance(source, str) and source.lstrip().startswith(("{", "[")) and not os.path.isfile(source):
+        return parse_json(source, "text")  # JSON text; a file whose name starts with "[" or "{" is read
     if isinstance(source, (str, os.PathLike)):
         try:
             with open(source, "rb") as f:

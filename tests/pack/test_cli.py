@@ -120,3 +120,45 @@ def test_shipped_workflows_run_from_an_empty_directory_with_no_flags(name, tmp_p
     written = list((tmp_path / "output").glob("*.png"))
     assert len(written) == 1 and Image.open(written[0]).size[0] >= 64
     assert sorted(p.name for p in tmp_path.iterdir()) == ["output"]  # nothing else created
+
+
+def test_hostile_inputs_get_messages_not_tracebacks(tmp_path, capsys):
+    """Each found by a probe (issue 27): a 5,000-digit --set integer, a missing or malformed
+    --extra-model-paths file, a UTF-16 workflow, a PNG renamed .json, a file named like JSON."""
+    graph = json.loads(WORKFLOW.read_text())
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_bytes(json.dumps(graph).encode("utf-16"))
+    bracketed = tmp_path / "[draft] {v2}.json"
+    bracketed.write_text(json.dumps(graph))
+    renamed = tmp_path / "picture.json"
+    Image.new("RGB", (4, 4)).save(renamed, format="PNG")
+    bad_yaml = tmp_path / "extra.yaml"
+    bad_yaml.write_text("a: [unclosed\n")
+    out = tmp_path / "out"
+    common = ["--output-dir", str(out), "--quiet", "--set", "5.steps=1"]
+    cases = [
+        ([str(WORKFLOW), "--set", "5.seed=" + "9" * 5000, "--output-dir", str(out), "--quiet"], 1, "seed"),
+        ([str(WORKFLOW), "--extra-model-paths", str(tmp_path / "missing.yaml"), *common], 2, "missing.yaml"),
+        ([str(WORKFLOW), "--extra-model-paths", str(bad_yaml), *common], 2, "cannot read it as an extra_model_paths"),
+        ([str(renamed), *common], 1, "carries no workflow"),
+    ]
+    for argv, rc, text in cases:
+        assert ldm_run(argv) == rc, argv[:3]
+        assert text in capsys.readouterr().err
+    for path in (utf16, bracketed):  # both are the txt2img graph and run
+        assert ldm_run([str(path), *common]) == 0, path
+    assert len(list(out.glob("*.png"))) == 2
+
+
+def test_a_corrupt_header_entry_is_quoted_short(tmp_path):
+    import struct
+
+    from ldm_core.checkpoints.weights_file import read_weights
+    from ldm_core.errors import CheckpointFormatError
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": "x" * 1_000_000, "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(CheckpointFormatError) as e:
+        read_weights(path)
+    assert len(str(e.value)) < 400 and "characters)" in str(e.value)
