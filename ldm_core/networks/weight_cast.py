@@ -33,18 +33,21 @@ class CastLinear(nn.Linear):
         return F.linear(x, _cast(self.weight, self.compute_dtype), _cast(self.bias, self.compute_dtype))
 
 
-class CastConv1d(nn.Conv1d):
+class _CastConv:
+    """The convolution of nn.Conv1d / nn.Conv2d (their `_conv_forward`) with cast weights."""
+
     compute_dtype: torch.dtype
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, _cast(self.weight, self.compute_dtype), _cast(self.bias, self.compute_dtype))
 
 
-class CastConv2d(nn.Conv2d):
-    compute_dtype: torch.dtype
+class CastConv1d(_CastConv, nn.Conv1d):
+    pass
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, _cast(self.weight, self.compute_dtype), _cast(self.bias, self.compute_dtype))
+
+class CastConv2d(_CastConv, nn.Conv2d):
+    pass
 
 
 class CastGroupNorm(nn.GroupNorm):
