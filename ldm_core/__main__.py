@@ -32,17 +32,31 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_path(name: str) -> Path:
+    """A file path, or the name of a checkpoint shipped with the package (the embedded model)."""
+    from ldm_core.checkpoints.embedded import builtin_models
+
+    path = Path(name)
+    if not path.exists() and name in builtin_models().get("checkpoints", {}):
+        return builtin_models()["checkpoints"][name]
+    return path
+
+
 def _txt2img(args: argparse.Namespace) -> int:
     from ldm_core.device import pick_device, pick_precision
     from ldm_core.imaging.image_io import next_free_path, to_pil, write_png_atomic
     from ldm_core.loading.loader import load_checkpoint
+    from ldm_core.networks.presets import native_size
     from ldm_core.pipeline.jobs import txt2img
     from ldm_core.progress import BarProgress
 
     t0 = time.perf_counter()
     device = pick_device(args.device)
-    ck = load_checkpoint(args.checkpoint, device=device, precision=pick_precision(device), prediction=args.prediction)
-    images = txt2img(ck, args.prompt, args.negative, width=args.width, height=args.height, steps=args.steps,
+    ck = load_checkpoint(_checkpoint_path(args.checkpoint), device=device, precision=pick_precision(device),
+                         prediction=args.prediction)
+    side = native_size(ck.config)
+    width, height = args.width or side, args.height or side
+    images = txt2img(ck, args.prompt, args.negative, width=width, height=height, steps=args.steps,
                      cfg=args.cfg, seed=args.seed, batch_size=args.batch_size, clip_skip=args.clip_skip,
                      progress=BarProgress())
     out_dir = Path(args.output_dir)
@@ -71,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="the tensors' dtype in the file (released SD/SDXL files are fp16)")
     syn.set_defaults(func=_synth)
     t2i = sub.add_parser("txt2img", help="prompt → PNG (Euler, normal schedule, CFG)")
-    t2i.add_argument("checkpoint")
+    t2i.add_argument("checkpoint", help="a checkpoint file, or the name of the embedded model (ldm-scenes.safetensors)")
     t2i.add_argument("prompt")
     t2i.add_argument("--negative", default="")
-    t2i.add_argument("--width", type=int, default=512)
-    t2i.add_argument("--height", type=int, default=512)
+    t2i.add_argument("--width", type=int, default=None, help="default: the size the model was trained at")
+    t2i.add_argument("--height", type=int, default=None, help="default: the size the model was trained at")
     t2i.add_argument("--steps", type=int, default=20)
     t2i.add_argument("--cfg", type=float, default=7.0)
     t2i.add_argument("--seed", type=int, default=0)

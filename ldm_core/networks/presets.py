@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from ldm_core.networks.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
+from ldm_core.networks.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
 
 CLIP_L = TextEncoderConfig(name="clip_l")
 CLIP_H = TextEncoderConfig(
@@ -81,6 +81,17 @@ def _shrink_te(te: TextEncoderConfig, width: int) -> TextEncoderConfig:
     # Head width as detection infers it: 64, or gcd(width, 64) for narrower models.
     heads = width // math.gcd(width, 64)
     return te.replace(hidden_size=width, num_heads=heads, intermediate_size=2 * width, projection_dim=proj)
+
+
+# The picture side each family was trained at (what a txt2img without a size should make);
+# "scenes" is the embedded model's own family.
+NATIVE_SIZE = {"sd1": 512, "sd1_inpaint": 512, "sd2": 512, "sd2_v": 768, "sd2_inpaint": 512, "sdxl": 1024,
+               "sdxl_refiner": 1024, "scenes": 64}
+
+
+def native_size(config: ModelConfig) -> int:
+    """The side in pixels `config`'s family was trained at (512 for a family not listed)."""
+    return NATIVE_SIZE.get(config.family, 512)
 
 
 def shrink(config: ModelConfig, width: int = 32) -> ModelConfig:

@@ -40,6 +40,15 @@ def test_ships_as_one_small_sd_layout_file_with_its_config(ckpt):
     assert ckpt.text_encoder is not None and ckpt.layout_encoder is not None
 
 
+def test_the_ldm_command_finds_it_by_name_and_makes_its_native_size(tmp_path, monkeypatch):
+    from ldm_core.__main__ import main as ldm
+
+    monkeypatch.chdir(tmp_path)  # no file of that name here: the shipped one is meant
+    assert ldm(["txt2img", EMBEDDED_NAME, "a red circle in the top left", "--steps", "4", "--output-dir", "out"]) == 0
+    (written,) = (tmp_path / "out").glob("*.png")
+    assert Image.open(written).size == (64, 64)  # the size it was trained at, not 512²
+
+
 def test_found_with_no_models_folder(tmp_path):
     ctx = NodeContext.headless()
     assert EMBEDDED_NAME in ctx.list_models("checkpoints")
