@@ -121,6 +121,10 @@ class NodeContext:
         """A folder under the output (or temp) directory; refuses anything that leaves it."""
         base = self.temp_dir if temp else self.output_dir
         folder = _inside(base, subfolder) if subfolder else Path(os.path.abspath(base))
+        root = Path(os.path.abspath(self.output_dir))
+        if temp and folder.is_relative_to(root) and not folder.resolve().is_relative_to(root.resolve()):
+            # the pack's own temp folder inside the output folder must not lead out of it (a symlink)
+            raise PathError(f"{folder} leads outside the output folder {root} (a symlink?); remove it")
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 

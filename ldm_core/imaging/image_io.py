@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ldm_core.device import available_ram
+from ldm_core.errors import MemoryBudgetError
+
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """One IMAGE [H, W, 3] (or [1, H, W, 3]) float in 0..1 → 8-bit RGB, rounding like ComfyUI (×255, clip)."""
@@ -132,12 +135,28 @@ def save_images(images: torch.Tensor, output_dir: str | os.PathLike, prefix: str
     return results
 
 
+BYTES_PER_PIXEL = 16  # float32 RGB + float32 mask, what each decoded pixel becomes
+
+
+def _check_decoded_size(img: Image.Image, name: str, available: int | None = None) -> None:
+    """Refuse, before decoding a frame, a picture whose frames would not fit in the RAM there is
+    (a 75 KB animated PNG can declare 8000² × 200 frames)."""
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    need = frames * img.size[0] * img.size[1] * BYTES_PER_PIXEL
+    free = available_ram() if available is None else available
+    if free is not None and need > free // 2:
+        raise MemoryBudgetError(
+            f"{name}: {frames} frame(s) of {img.size[0]}×{img.size[1]} would take {need / 2**20:,.0f} MiB decoded and "
+            f"{free / 2**20:,.0f} MiB of RAM are available; use a smaller picture or fewer frames")
+
+
 def load_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     """A picture file → (IMAGE [N,H,W,3], MASK [N,H,W]) as ComfyUI's LoadImage: EXIF rotation
     applied, frames of the first frame's size stacked, mask = 1 − alpha (zeros 64×64 without alpha)."""
     from PIL import ImageOps, ImageSequence
 
     img = Image.open(path)
+    _check_decoded_size(img, Path(path).name)
     images, masks = [], []
     size = None
     for frame in ImageSequence.Iterator(img):

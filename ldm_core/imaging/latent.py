@@ -2,9 +2,13 @@
 holding raw (unscaled) VAE latents, optionally `noise_mask` and `batch_index`."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+
+from ldm_core.device import available_ram
+from ldm_core.errors import MemoryBudgetError
 
 
 def cells(pixels: int, factor: int) -> int:
@@ -19,8 +23,16 @@ def pixels(cells: int, factor: int) -> int:
 
 
 def empty(width: int, height: int, batch_size: int = 1, channels: int = 4, factor: int = 8) -> torch.Tensor:
-    """Zeros [B, C, H/f, W/f] (sizes floored to multiples of f), as EmptyLatentImage."""
-    return torch.zeros(batch_size, channels, cells(height, factor), cells(width, factor))
+    """Zeros [B, C, H/f, W/f] (sizes floored to multiples of f), as EmptyLatentImage. A size whose
+    latent alone would not fit in the RAM there is is refused before allocating."""
+    shape = (batch_size, channels, cells(height, factor), cells(width, factor))
+    need = math.prod(shape) * 4
+    free = available_ram()
+    if free is not None and need > free // 2:
+        raise MemoryBudgetError(
+            f"a latent of {batch_size} × {width}×{height} needs {need / 2**30:.1f} GiB before any model runs and "
+            f"{free / 2**30:.1f} GiB of RAM are available; use a smaller size or batch (or tiled diffusion)")
+    return torch.zeros(shape)
 
 
 def with_samples(latent: dict[str, Any], samples: torch.Tensor) -> dict[str, Any]:

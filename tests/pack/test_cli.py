@@ -162,3 +162,42 @@ def test_a_corrupt_header_entry_is_quoted_short(tmp_path):
     with pytest.raises(CheckpointFormatError) as e:
         read_weights(path)
     assert len(str(e.value)) < 400 and "characters)" in str(e.value)
+
+
+def test_a_symlinked_temp_folder_cannot_send_previews_outside(tmp_path):
+    from ldm_nodes.context import NodeContext, PathError
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    out = tmp_path / "output"
+    out.mkdir()
+    (out / ".temp").symlink_to(outside, target_is_directory=True)
+    ctx = NodeContext.headless(output_dir=out)
+    with pytest.raises(PathError, match="leads outside the output folder"):
+        ctx.output_folder("", temp=True)
+    assert ctx.output_folder("", temp=False).resolve() == out.resolve()
+    assert not list(outside.iterdir())
+
+
+def test_an_animated_png_too_large_to_decode_is_refused_before_decoding(tmp_path):
+    from ldm_core.errors import MemoryBudgetError
+    from ldm_core.imaging import image_io
+
+    frames = [Image.new("RGB", (300, 200), (i, 0, 0)) for i in range(3)]
+    path = tmp_path / "anim.png"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    with Image.open(path) as img:
+        with pytest.raises(MemoryBudgetError, match=r"3 frame\(s\) of 300×200"):
+            image_io._check_decoded_size(img, "anim.png", available=1_000_000)
+        image_io._check_decoded_size(img, "anim.png", available=10**9)  # fits: no error
+    images, _ = image_io.load_image(path)
+    assert images.shape == (3, 200, 300, 3)
+
+
+def test_a_latent_beyond_the_machine_is_refused_before_allocating():
+    from ldm_core.errors import MemoryBudgetError
+    from ldm_core.imaging import latent
+
+    with pytest.raises(MemoryBudgetError, match=r"a latent of 4096 × 16384×16384 needs .* GiB"):
+        latent.empty(16384, 16384, 4096)
+    assert latent.empty(64, 64, 1, 4, 4).shape == (1, 4, 16, 16)
