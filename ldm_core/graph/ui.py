@@ -165,28 +165,39 @@ class _Resolver:
         self.nodes, self.links, self.skip = nodes, links, skip
 
     def input(self, node: _Node, idx: int, want: str | None = None, seen: set | None = None) -> Link | _Value | None:
+        """What feeds input `idx` of `node`: a loop over the chain of reroute and bypassed nodes
+        (not recursion, so a chain of thousands cannot exhaust the stack)."""
         seen = set() if seen is None else seen
-        self._visit(seen, (node.id, "in", idx), node)
-        inp = node.inputs[idx]
-        if inp.link is None:
-            return None
-        records = self.links.get(inp.link)
-        if not records:
-            raise WorkflowError(f"input '{inp.name}' uses link {inp.link}, which is not in the workflow's links", node.where)
-        # Some saved files repeat a link id; the record that targets this node is the real one.
-        rec = next((r for r in records if r.target_id == node.id), records[0])
-        return self.output(rec.origin_id, rec.origin_slot, want or inp.type, seen)
+        while True:
+            self._visit(seen, (node.id, "in", idx), node)
+            inp = node.inputs[idx]
+            if inp.link is None:
+                return None
+            records = self.links.get(inp.link)
+            if not records:
+                raise WorkflowError(f"input '{inp.name}' uses link {inp.link}, which is not in the workflow's links",
+                                    node.where)
+            # Some saved files repeat a link id; the record that targets this node is the real one.
+            rec = next((r for r in records if r.target_id == node.id), records[0])
+            want = want or inp.type
+            src, slot = self.nodes.get(rec.origin_id), rec.origin_slot
+            if src is None:
+                return Link(rec.origin_id, slot)  # validation reports the missing node, with the rest
+            self._visit(seen, (src.id, "out", slot), src)
+            if src.mode == MODE_BYPASS:
+                idx, want = _bypass_input(src, slot, want), None
+                if idx < 0:
+                    return None  # the consumer's input is left unconnected
+            elif src.type == REROUTE:
+                if slot >= len(src.inputs):
+                    return None
+                idx = slot
+            else:
+                return self._source(src, slot)
+            node = src
 
-    def output(self, node_id: str, slot: int, want: str, seen: set) -> Link | _Value | None:
-        src = self.nodes.get(node_id)
-        if src is None:
-            return Link(node_id, slot)  # validation reports the missing node, with the rest
-        self._visit(seen, (node_id, "out", slot), src)
-        if src.mode == MODE_BYPASS:
-            idx = _bypass_input(src, slot, want)
-            return None if idx < 0 else self.input(src, idx, None, seen)
-        if src.type == REROUTE:
-            return self.input(src, slot, want, seen) if slot < len(src.inputs) else None
+    def _source(self, src: _Node, slot: int) -> Link | _Value | None:
+        """A real node's output, a primitive's value, or None for a skipped or muted node."""
         if src.type == PRIMITIVE:
             values = src.widgets_values
             if isinstance(values, list) and values:
@@ -196,7 +207,7 @@ class _Resolver:
             return None
         if src.type in self.skip or src.mode == MODE_NEVER:
             return None
-        return Link(node_id, slot)
+        return Link(src.id, slot)
 
     @staticmethod
     def _visit(seen: set, key: tuple, node: _Node) -> None:

@@ -168,6 +168,20 @@ def test_reroute_chain():
     assert strip_titles(prompt) == expected()
 
 
+def test_a_chain_of_thousands_of_reroutes_is_followed_without_recursion():
+    """A probe found 497 chained reroutes exhausting Python's stack (issue 27); the resolver loops."""
+    n = 3000
+    nodes = txt2img_ui_nodes()
+    nodes[4]["inputs"][0]["link"] = 1000  # Sampler.model through n reroutes: 1000 + k feeds reroute k's consumer
+    nodes += [ui_node(100 + k, "Reroute", [("", "*", 1001 + k)], [("", "TOY_MODEL")]) for k in range(n)]
+    links = [link for link in TXT2IMG_LINKS if link[0] != 1]
+    links += [(1000, 100, 0, 3, 0, "TOY_MODEL")]  # reroute 0 → sampler
+    links += [(1001 + k, 101 + k, 0, 100 + k, 0, "TOY_MODEL") for k in range(n - 1)]  # reroute k+1 → reroute k
+    links += [(1000 + n, 4, 0, 100 + n - 1, 0, "TOY_MODEL")]  # the loader → the last reroute
+    prompt = load_workflow(ui_workflow(nodes, links), REG)
+    assert strip_titles(prompt) == expected()
+
+
 def test_bypass_passes_matching_input_through():
     nodes = txt2img_ui_nodes()
     nodes[4]["mode"] = 4  # bypass the sampler: Decode.samples gets the empty latent
