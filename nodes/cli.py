@@ -64,15 +64,22 @@ def set_seeds(prompt: dict, seed: int | None, offset: int = 0) -> int:
 
 
 class BarHooks:
-    """Per-node progress bars on stderr."""
+    """Progress on stderr: which node of how many, time so far, and a bar per node's steps."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.bar = None
+        self.total, self.done, self.start = 0, 0, time.perf_counter()
+
+    def on_run_start(self, node_ids: list[str]) -> None:
+        self.total, self.done, self.start = len(node_ids), 0, time.perf_counter()
 
     def on_node_start(self, node_id: str, class_type: str) -> None:
+        self.done += 1
         if not self.quiet:
-            print(f"[{node_id}] {class_type}", file=sys.stderr)
+            elapsed = time.perf_counter() - self.start
+            print(f"[{node_id}] {class_type}  (node {self.done} of {self.total}, {elapsed:.1f} s so far)",
+                  file=sys.stderr)
 
     def on_progress(self, node_id: str, class_type: str, done: int, total: int, preview: Any = None) -> None:
         if self.quiet:

@@ -6,7 +6,8 @@ branch still runs, and the result lists every failure, so a command line can pri
 all and exit non-zero (`run` raises ExecutionFailed at the end, or returns the result
 with `raise_on_failure=False`).
 
-Hooks: any object with some of `on_node_start(node_id, class_type)`, `on_node_done(node_id,
+Hooks: any object with some of `on_run_start(node_ids)` (the nodes about to run, in order),
+`on_node_start(node_id, class_type)`, `on_node_done(node_id,
 class_type, cached)`, `on_node_error(node_id, class_type, error)` and `on_progress(node_id,
 class_type, done, total, preview)`; `Hooks` is a no-op base to subclass. A node reports
 sub-progress (sampler steps, tiles) by listing "progress" in `NodeSpec.hidden`: it is then
@@ -40,6 +41,9 @@ from ldm_core.graph.validate import check, coerce, select_outputs
 
 class Hooks:
     """Progress callbacks; override any of them."""
+
+    def on_run_start(self, node_ids: list[str]) -> None:
+        pass
 
     def on_node_start(self, node_id: str, class_type: str) -> None:
         pass
@@ -133,6 +137,7 @@ class Executor:
         order = run_order(deps, targets)
         run = _Run(self, prompt, context, extra_pnginfo, result, _consumers(deps, order),
                    None if self.keep_outputs else set(targets))
+        _call(self.hooks, "on_run_start", list(order))
         for node_id in order:
             blocker = next((d for d in deps[node_id] if d in result.failed or d in result.skipped), None)
             if blocker is not None:

@@ -201,3 +201,9 @@ def test_a_latent_beyond_the_machine_is_refused_before_allocating():
     with pytest.raises(MemoryBudgetError, match=r"a latent of 4096 × 16384×16384 needs .* GiB"):
         latent.empty(16384, 16384, 4096)
     assert latent.empty(64, 64, 1, 4, 4).shape == (1, 4, 16, 16)
+
+
+def test_progress_says_which_node_of_how_many(tmp_path, capsys):
+    assert ldm_run([str(WORKFLOW), "--set", "5.steps=2", "--output-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "[1] LDMCheckpointLoader  (node 1 of 7," in err and "(node 7 of 7," in err, err
