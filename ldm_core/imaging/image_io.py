@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,11 +116,30 @@ def save_path(output_dir: str | os.PathLike, prefix: str, width: int = 0, height
     return folder, stem, highest + 1, subfolder
 
 
+STALE_AFTER_S = 600  # a temporary file this old was left by a killed run (a save takes seconds)
+
+
+def remove_stale_temp_files(folder: Path, now: float | None = None) -> list[Path]:
+    """Delete `.tmp-*.png` files older than STALE_AFTER_S in `folder` (left by a killed run;
+    younger ones may be another run's save in progress); returns what was removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for tmp in folder.glob(".tmp-*.png"):
+        try:
+            if now - tmp.stat().st_mtime > STALE_AFTER_S:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:  # gone meanwhile, or not ours to delete: leave it
+            continue
+    return removed
+
+
 def save_images(images: torch.Tensor, output_dir: str | os.PathLike, prefix: str,
                 text: dict[str, str] | None = None) -> list[dict[str, str]]:
     """Save IMAGE [B,H,W,3] as PNGs named like ComfyUI's SaveImage, each written atomically and
     never over an existing file; `text` chunks (e.g. prompt/workflow JSON) go into every file."""
     folder, stem, counter, subfolder = save_path(output_dir, prefix, images.shape[2], images.shape[1])
+    remove_stale_temp_files(folder)
     results = []
     for b in range(images.shape[0]):
         name = stem.replace("%batch_num%", str(b))

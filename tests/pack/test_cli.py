@@ -207,3 +207,21 @@ def test_progress_says_which_node_of_how_many(tmp_path, capsys):
     assert ldm_run([str(WORKFLOW), "--set", "5.steps=2", "--output-dir", str(tmp_path)]) == 0
     err = capsys.readouterr().err
     assert "[1] LDMCheckpointLoader  (node 1 of 7," in err and "(node 7 of 7," in err, err
+
+
+def test_a_stale_temp_file_from_a_killed_run_is_removed_at_the_next_save(tmp_path):
+    import os
+    import time
+
+    import torch
+
+    from ldm_core.imaging.image_io import save_images
+
+    stale, fresh = tmp_path / ".tmp-abc.png", tmp_path / ".tmp-def.png"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"being written")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    save_images(torch.zeros(1, 8, 8, 3), tmp_path, "pic")
+    assert not stale.exists() and fresh.exists()  # a young one may be another run's save in progress
+    assert (tmp_path / "pic_00001_.png").exists()
