@@ -83,6 +83,18 @@ class NodeContext:
         out = Path(output_dir)
         return cls(dirs, Path(input_dir), out, out / ".temp", device, weight_dtype=weight_dtype)
 
+    def models_searched(self, kind: str) -> str:
+        """Where `kind` files are looked for, for messages."""
+        folders = [str(Path(os.path.abspath(f))) for f in self.model_dirs.get(kind, [])]
+        shipped = " and among the files shipped with the pack" if self.builtin_models.get(kind) else ""
+        if not folders:
+            return f"no folder for {kind} files was given{shipped}: pass --models-dir (its {kind}/ folder)"
+        return f"searched for {kind} files in {', '.join(folders)}{shipped}"
+
+    def inputs_searched(self) -> str:
+        """Where input pictures are looked for, for messages."""
+        return f"searched for pictures in {Path(os.path.abspath(self.input_dir))} and the pack's examples"
+
     def list_models(self, kind: str) -> list[str]:
         names = set(self.builtin_models.get(kind, {}))
         for folder in self.model_dirs.get(kind, []):

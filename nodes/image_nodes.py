@@ -70,7 +70,8 @@ def scale(ctx: NodeContext, image, upscale_method: str, width: int, height: int,
 def specs(s: Sockets, core: bool = False) -> list:
     return [
         node("LDMLoadImage", "Load Image (LDM)", "image", load,
-             [combo("image", _inputs, "A picture in the input folder.", image_upload=True)],
+             [combo("image", _inputs, "A picture in the input folder.", image_upload=True,
+                    choices_source=lambda ctx: ctx.inputs_searched())],
              [out(IMAGE, "IMAGE"), out(MASK, "MASK", "1 − alpha (where the picture is transparent).")],
              "Loads a picture from the input folder as IMAGE and MASK.", is_changed=load_changed),
         node("LDMSaveImage", "Save Image (LDM)", "image", save,

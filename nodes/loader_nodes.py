@@ -24,6 +24,10 @@ def _models(kind: str):
     return lambda ctx: ctx.list_models(kind) if ctx is not None else []
 
 
+def _searched(kind: str):
+    return lambda ctx: ctx.models_searched(kind)
+
+
 def _weight_dtype(ctx: NodeContext, weight_dtype: str) -> str | None:
     """The node's choice, else the run's (`ldm-run --weight-dtype`), else the file's ("auto")."""
     return weight_dtype if weight_dtype != "auto" else getattr(ctx, "weight_dtype", None)
@@ -71,7 +75,8 @@ def _storage() -> object:
 
 
 def specs(s: Sockets, core: bool = False) -> list:
-    ckpt = [combo("ckpt_name", _models("checkpoints"), "The checkpoint file (models/checkpoints).")]
+    ckpt = [combo("ckpt_name", _models("checkpoints"), "The checkpoint file (models/checkpoints).",
+                  choices_source=_searched("checkpoints"))]
     if not core:
         ckpt.append(combo("prediction", PREDICTIONS, "auto: as the file says; eps or v to override (SD2 768-v files).",
                           optional=True))
@@ -83,7 +88,8 @@ def specs(s: Sockets, core: bool = False) -> list:
               out(s.vae, "VAE", "The autoencoder between pixels and latents.")],
              "Loads a single-file SD1.x/2.x/XL checkpoint; family, prediction type and widths are detected."),
         node("LDMVAELoader", "Load VAE (LDM)", "loaders", load_vae,
-             [combo("vae_name", _models("vae"), "A standalone VAE file (models/vae)."), _storage()],
+             [combo("vae_name", _models("vae"), "A standalone VAE file (models/vae).", choices_source=_searched("vae")),
+              _storage()],
              [out(s.vae, "VAE")], "Loads a standalone VAE (or the VAE inside a checkpoint file)."),
         node("LDMUNetLoader", "Load Diffusion Model (LDM)", "loaders", load_unet,
              [combo("unet_name", _models("diffusion_models"), "A UNet-only file (models/diffusion_models)."),

@@ -53,7 +53,8 @@ def _strength(name: str, what: str):
 
 
 def specs(s: Sockets, core: bool = False) -> list:
-    name = combo("lora_name", _loras, "The LoRA / LoCon / LoHa / LoKr file (models/loras).")
+    name = combo("lora_name", _loras, "The LoRA / LoCon / LoHa / LoKr file (models/loras).",
+                 choices_source=lambda ctx: ctx.models_searched("loras"))
     return [
         node("LDMLoraLoader", "Load LoRA (LDM)", "loaders", load_lora,
              [socket("model", s.model, "The diffusion model to patch."),

@@ -42,6 +42,8 @@ class InputSpec:
     image_upload: bool = False  # the editor shows an upload button that adds files to the choices
     # check(value, context) -> what is wrong with a literal value (None: nothing), run at validation
     check: Callable[[Any, Any], str | None] | None = None
+    # choices_source(context) -> where a COMBO's choices come from ("the files in …"), for messages
+    choices_source: Callable[[Any], str] | None = None
 
     @property
     def is_widget(self) -> bool:

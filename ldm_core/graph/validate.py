@@ -216,12 +216,19 @@ def _combo_problems(inp: InputSpec, value: Any, context: Any) -> Iterable[tuple[
         ok = False
     if ok:
         return
+    source = ""
+    if inp.choices_source is not None:
+        try:
+            source = f" ({inp.choices_source(context)})"
+        except Exception:  # noqa: BLE001 - only decorates the message
+            source = ""
     if not choices:
-        yield VALUE_NOT_IN_LIST, f"{_show(value)} is not available: there are no choices (is the folder empty?)"
+        yield VALUE_NOT_IN_LIST, (f"{_show(value)} is not available: there are no choices{source}"
+                                  + ("" if source else " (is the folder empty?)"))
         return
     shown = ", ".join(map(str, choices[:20])) + (f", ... ({len(choices)} in all)" if len(choices) > 20 else "")
     hint = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1) if isinstance(value, str) else []
-    yield VALUE_NOT_IN_LIST, (f"{_show(value)} is not one of the choices: {shown}"
+    yield VALUE_NOT_IN_LIST, (f"{_show(value)} is not one of the choices{source}: {shown}"
                               + (f" (did you mean '{hint[0]}'?)" if hint else ""))
 
 

@@ -107,7 +107,8 @@ def test_sigterm_stops_cleanly_with_nothing_partial_on_disk(tmp_path):
     proc.send_signal(signal.SIGTERM)
     rest = proc.stderr.read()
     assert proc.wait(timeout=60) == 143
-    assert rest.strip().splitlines()[-1] == "ldm-run: terminated"
+    assert "ldm-run: terminated" in rest.splitlines()  # one line of its own (a progress bar may redraw after it)
+    assert "Traceback" not in rest
     assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob(".tmp-*"))
 
 
@@ -225,3 +226,14 @@ def test_a_stale_temp_file_from_a_killed_run_is_removed_at_the_next_save(tmp_pat
     save_images(torch.zeros(1, 8, 8, 3), tmp_path, "pic")
     assert not stale.exists() and fresh.exists()  # a young one may be another run's save in progress
     assert (tmp_path / "pic_00001_.png").exists()
+
+
+def test_a_missing_file_names_the_folders_searched(tmp_path, capsys):
+    lora = WORKFLOW.parent / "lora.json"
+    assert ldm_run([str(lora), "--output-dir", str(tmp_path), "--quiet"]) == 1
+    assert "no folder for loras files was given" in capsys.readouterr().err
+    assert ldm_run([str(lora), "--models-dir", str(tmp_path / "models"), "--output-dir", str(tmp_path)]) == 1
+    assert f"searched for loras files in {tmp_path / 'models' / 'loras'}" in capsys.readouterr().err
+    assert ldm_run([str(WORKFLOW.parent / "img2img.json"), "--set", "4.image=nope.png", "--input-dir",
+                    str(tmp_path / "in"), "--output-dir", str(tmp_path)]) == 1
+    assert f"searched for pictures in {tmp_path / 'in'}" in capsys.readouterr().err
