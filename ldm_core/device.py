@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm_core.errors import DeviceError
+from ldm_core.errors import DeviceError, MemoryBudgetError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,6 +57,14 @@ def available_ram() -> int | None:
         except (ValueError, OSError):
             pass
     return None
+
+
+def require_ram(need: int, free: int | None, what: str, remedy: str, *, share: float = 1.0) -> None:
+    """Refuse, before allocating, `need` bytes for `what` when they exceed `share` of the `free`
+    RAM (None: unknown, allowed): a MemoryBudgetError with both sizes and the `remedy`."""
+    if free is not None and need > free * share:
+        raise MemoryBudgetError(f"{what} needs {need / 2**30:.3g} GiB and {free / 2**30:.3g} GiB of RAM are "
+                                f"available; {remedy}")
 
 
 def free_memory(device: torch.device) -> int:

@@ -11,8 +11,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ldm_core.device import available_ram
-from ldm_core.errors import MemoryBudgetError
+from ldm_core.device import available_ram, require_ram
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -74,8 +73,6 @@ def _expand_prefix(prefix: str, width: int, height: int) -> str:
     """ComfyUI's %width%/%height%/%year%... placeholders in a filename prefix."""
     if "%" not in prefix:
         return prefix
-    import time
-
     now = time.localtime()
     values = {"width": width, "height": height, "year": now.tm_year, "month": f"{now.tm_mon:02d}",
               "day": f"{now.tm_mday:02d}", "hour": f"{now.tm_hour:02d}", "minute": f"{now.tm_min:02d}",
@@ -162,12 +159,9 @@ def _check_decoded_size(img: Image.Image, name: str, available: int | None = Non
     """Refuse, before decoding a frame, a picture whose frames would not fit in the RAM there is
     (a 75 KB animated PNG can declare 8000² × 200 frames)."""
     frames = int(getattr(img, "n_frames", 1) or 1)
-    need = frames * img.size[0] * img.size[1] * BYTES_PER_PIXEL
-    free = available_ram() if available is None else available
-    if free is not None and need > free // 2:
-        raise MemoryBudgetError(
-            f"{name}: {frames} frame(s) of {img.size[0]}×{img.size[1]} would take {need / 2**20:,.0f} MiB decoded and "
-            f"{free / 2**20:,.0f} MiB of RAM are available; use a smaller picture or fewer frames")
+    require_ram(frames * img.size[0] * img.size[1] * BYTES_PER_PIXEL, available_ram() if available is None else available,
+                f"{name}: {frames} frame(s) of {img.size[0]}×{img.size[1]} decoded",
+                "use a smaller picture or fewer frames", share=0.5)
 
 
 def load_image(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,7 @@ from typing import Any
 
 import torch
 
-from ldm_core.device import available_ram
-from ldm_core.errors import MemoryBudgetError
+from ldm_core.device import available_ram, require_ram
 
 
 def cells(pixels: int, factor: int) -> int:
@@ -26,12 +25,8 @@ def empty(width: int, height: int, batch_size: int = 1, channels: int = 4, facto
     """Zeros [B, C, H/f, W/f] (sizes floored to multiples of f), as EmptyLatentImage. A size whose
     latent alone would not fit in the RAM there is is refused before allocating."""
     shape = (batch_size, channels, cells(height, factor), cells(width, factor))
-    need = math.prod(shape) * 4
-    free = available_ram()
-    if free is not None and need > free // 2:
-        raise MemoryBudgetError(
-            f"a latent of {batch_size} × {width}×{height} needs {need / 2**30:.1f} GiB before any model runs and "
-            f"{free / 2**30:.1f} GiB of RAM are available; use a smaller size or batch (or tiled diffusion)")
+    require_ram(math.prod(shape) * 4, available_ram(), f"a latent of {batch_size} × {width}×{height}",
+                "use a smaller size or batch (or tiled diffusion)", share=0.5)
     return torch.zeros(shape)
 
 

@@ -15,8 +15,8 @@ import torch
 from ldm_core.checkpoints import weights_file as ckpt
 from ldm_core.checkpoints.model_family import detect_config, detect_text_encoder, detect_unet, detect_vae, text_prefixes
 from ldm_core.checkpoints.weights_file import read_weights, split_components
-from ldm_core.device import Precision, available_ram, parse_dtype, pick_device, pick_precision
-from ldm_core.errors import MemoryBudgetError, StateDictMismatchError, UnsupportedModelError, WrongComponentError
+from ldm_core.device import Precision, available_ram, parse_dtype, pick_device, pick_precision, require_ram
+from ldm_core.errors import StateDictMismatchError, UnsupportedModelError, WrongComponentError
 from ldm_core.imaging.preview import LatentPreviewer, VAEPreview
 from ldm_core.loading.model import VAE, Checkpoint, DiffusionModel, TextEncoder
 from ldm_core.networks.autoencoder_kl import AutoencoderKL
@@ -42,18 +42,13 @@ def _build(build: Any, what: str, config: Any, sd: dict[str, torch.Tensor], comp
     return compute_in(module, compute)
 
 
-def _check_copy_fits(what: str, sd: dict[str, torch.Tensor], storage: torch.dtype,
-                     available: int | None = None) -> None:
+def _check_copy_fits(what: str, sd: dict[str, torch.Tensor], storage: torch.dtype) -> None:
     """Weights converted to another dtype are copied (the file's own dtype is only mapped): refuse,
     before allocating, a copy larger than the RAM available, with what to do instead."""
     need = sum(t.numel() * torch.finfo(storage).bits // 8 for t in sd.values()
                if t.is_floating_point() and t.dtype != storage)
-    free = available_ram() if available is None else available
-    if need and free is not None and need > free:
-        raise MemoryBudgetError(
-            f"{what}: converting its weights to {str(storage).removeprefix('torch.')} needs {need / 2**30:.1f} GiB "
-            f"and {free / 2**30:.1f} GiB of RAM are available; keep them as stored in the file (weight_dtype auto, "
-            "ldm-run --weight-dtype auto) or free memory")
+    require_ram(need, available_ram(), f"{what}: converting its weights to {str(storage).removeprefix('torch.')}",
+                "keep them as stored in the file (weight_dtype auto, ldm-run --weight-dtype auto) or free memory")
 
 
 def _build_text_encoder(config: ModelConfig, comps: ckpt.Components, device: torch.device,
