@@ -63,13 +63,13 @@ class OutputCache:
         self._entries.move_to_end(signature)
         if self.sizeof is not None:
             self._sizes[signature] = self.sizeof(outputs.values)
-        self.shrink()
+        self._evict()
 
-    def shrink(self, room: int = 0) -> None:
-        """Drop least recently used entries until the bounds hold with `room` bytes to spare."""
+    def _evict(self) -> None:
+        """Drop least recently used entries until the bounds hold."""
         while self._entries and (
             (self.max_entries is not None and len(self._entries) > self.max_entries)
-            or (self.max_bytes is not None and self.nbytes + room > self.max_bytes)
+            or (self.max_bytes is not None and self.nbytes > self.max_bytes)
         ):
             oldest, _ = self._entries.popitem(last=False)
             self._sizes.pop(oldest, None)

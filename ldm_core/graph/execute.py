@@ -35,7 +35,7 @@ from ldm_core.graph.cache import NeverCache, NodeOutputs, OutputCache, signature
 from ldm_core.graph.graph_errors import ExecutionFailed, NodeExecutionError, ValidationIssue
 from ldm_core.graph.prompt_graph import Link, Prompt, PromptNode, as_prompt, to_api
 from ldm_core.graph.spec import NodeSpec
-from ldm_core.graph.topology import dependencies, run_order
+from ldm_core.graph.topology import Deps, dependencies, run_order
 from ldm_core.graph.validate import check, coerce, select_outputs
 
 
@@ -150,7 +150,7 @@ class Executor:
         return result
 
 
-def _consumers(deps: Mapping[str, set[str]], order: Sequence[str]) -> dict[str, int]:
+def _consumers(deps: Deps, order: Sequence[str]) -> dict[str, int]:
     """How many nodes of `order` read each node's outputs."""
     count: dict[str, int] = {}
     for node_id in order:

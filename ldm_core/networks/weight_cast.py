@@ -84,21 +84,21 @@ PLAIN = {cast: plain for plain, cast in CASTING.items()}
 def compute_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Make `model` compute in `dtype` whatever dtype its weights are stored in; returns it.
 
-    Floating parameters or buffers outside the layers above (none in this engine's networks
-    today) are converted to `dtype` outright, so nothing computes in a storage dtype by accident.
+    Floating parameters or buffers outside the layers above (a raw nn.Parameter, say) are
+    converted to `dtype` outright, so nothing computes in a storage dtype by accident.
     """
     for module in model.modules():
         plain = PLAIN.get(type(module), type(module))
-        own = [t for t in (*module._parameters.values(), *module._buffers.values())
-               if t is not None and t.is_floating_point()]
+        stored_otherwise = any(t is not None and t.is_floating_point() and t.dtype != dtype
+                               for t in (*module._parameters.values(), *module._buffers.values()))
         if getattr(module, "casts_weights", False):  # casts by itself: only told what it computes in
-            if any(t.dtype != dtype for t in own):
+            if stored_otherwise:
                 module.compute_dtype = dtype
             else:
                 module.__dict__.pop("compute_dtype", None)
             continue
         if plain in CASTING:
-            if any(t.dtype != dtype for t in own):
+            if stored_otherwise:
                 module.__class__ = CASTING[plain]
                 module.compute_dtype = dtype
             elif plain is not type(module):
